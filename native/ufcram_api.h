@@ -1,0 +1,44 @@
+/* Every function and struct the native shim exports to Python: this file is both a C
+ * header and the cffi cdef. C does syscalls, ioctls, fd passing and page copies; every
+ * function returns >= 0 on success and -errno on failure. Policy lives in Python. */
+
+struct ufc_run { uint64_t addr; uint64_t len; };
+struct ufc_agent_cmd {
+    uint32_t magic; uint32_t op; uint32_t seq; uint32_t nruns;
+    uint64_t staging_offset;
+    struct ufc_run runs[];
+};
+struct ufc_agent_reply {
+    uint32_t magic; uint32_t seq; int32_t status; int32_t tid; uint64_t bytes;
+};
+
+/* userfaultfd */
+int ufc_uffd_open_syscall(int flags);
+int ufc_uffd_open_dev(int flags);
+int ufc_uffd_api(int fd, uint64_t want, uint64_t *features, uint64_t *ioctls);
+int ufc_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
+int ufc_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int ufc_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
+int ufc_uffd_copy_batch(int fd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
+                        int n, uint64_t mode, int32_t *results);
+int ufc_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+int ufc_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int ufc_uffd_wake(int fd, uint64_t start, uint64_t len);
+int ufc_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
+int ufc_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+int ufc_uffd_read_msgs(int fd, void *buf, int max_msgs);
+int ufc_wait_readable(int fd, int timeout_ms);
+
+/* descriptors over Unix sockets (SCM_RIGHTS) */
+int ufc_send_fds(int sock, const void *data, size_t len, const int *fds, int nfds);
+int ufc_recv_fds(int sock, void *data, size_t len, int *fds, int maxfds, int *nfds);
+
+/* memory */
+int ufc_madvise(uint64_t addr, uint64_t len, int advice);
+int64_t ufc_process_vm_readv(int pid, uint64_t local, uint64_t remote, uint64_t len);
+int ufc_gettid(void);
+
+/* the agent thread */
+int ufc_agent_start(int uffd, int sock, uint64_t staging, uint64_t staging_len);
+int ufc_agent_demote(int uffd, const struct ufc_run *runs, uint32_t nruns,
+                     uint64_t staging, uint64_t staging_len, uint64_t *bytes);

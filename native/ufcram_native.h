@@ -1,0 +1,23 @@
+/* Shared by the shim's C sources: kernel compat, agent constants (whose values
+ * constants.cdef hands to Python) and the exported API. */
+#ifndef UFCRAM_NATIVE_H
+#define UFCRAM_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include "uffd_compat.h"
+
+#define UFC_PAGE_SIZE 4096
+#define UFC_MAX_FDS 8
+
+#define UFC_AGENT_MAGIC 0x55464341u /* "UFCA" */
+#define UFC_AGENT_MAX_RUNS 256
+#define UFC_AGENT_DEMOTE 1
+#define UFC_AGENT_DROP 2
+#define UFC_AGENT_PING 3
+#define UFC_AGENT_STOP 4
+
+#include "ufcram_api.h"
+
+#endif

@@ -1,0 +1,28 @@
+"""Markers that skip with a reason: `uffd` needs a working userfaultfd with write-protect
+on anonymous memory; `root` needs root. Every test also runs under pytest-timeout."""
+import os
+import sys
+
+import pytest
+
+
+def _uffd_unavailable():
+    if not sys.platform.startswith("linux"):
+        return "userfaultfd is Linux-only"
+    try:
+        from ufcram.uffd import Uffd
+        Uffd.open().close()
+    except Exception as e:   # the reason is the skip message
+        return f"userfaultfd unusable here: {e}"
+    return None
+
+
+_UFFD_REASON = _uffd_unavailable()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "uffd" in item.keywords and _UFFD_REASON:
+            item.add_marker(pytest.mark.skip(reason=_UFFD_REASON))
+        if "root" in item.keywords and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="needs root (see the test's docstring)"))
