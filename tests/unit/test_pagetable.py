@@ -1,0 +1,37 @@
+"""ufcram.pagetable: range validation, state counts and run splitting."""
+import numpy as np
+import pytest
+
+from ufcram.errors import RegionError
+from ufcram.pagetable import DEMOTED, NORMAL, PAGE_SIZE, PageTable, runs_of
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_page_range_and_addresses():
+    t = PageTable(0x10000, 8)
+    assert t.page_range(PAGE_SIZE, 2 * PAGE_SIZE) == (1, 3)
+    assert t.page_of(0x10000 + 3 * PAGE_SIZE + 5) == 3
+    assert t.address_of(2) == 0x10000 + 2 * PAGE_SIZE
+    assert t.end == 0x10000 + 8 * PAGE_SIZE
+
+
+@pytest.mark.parametrize("offset,length,message", [
+    (1, PAGE_SIZE, "aligned"), (0, 100, "aligned"), (0, 0, "length > 0"),
+    (-PAGE_SIZE, PAGE_SIZE, "offset must be"), (PAGE_SIZE, 8 * PAGE_SIZE, "past the region")])
+def test_bad_ranges(offset, length, message):
+    with pytest.raises(RegionError, match=message):
+        PageTable(0, 8).page_range(offset, length)
+
+
+def test_counts_and_state_queries():
+    t = PageTable(0, 6)
+    t.state[[1, 2]] = NORMAL
+    t.state[4] = DEMOTED
+    assert t.counts() == {"untouched": 3, "normal": 2, "demoting": 0, "demoted": 1}
+    assert t.pages_in_state(NORMAL, 2, 6).tolist() == [2]
+
+
+def test_runs_of():
+    assert runs_of(np.array([1, 2, 3, 7, 9, 10])).tolist() == [[1, 3], [7, 1], [9, 2]]
+    assert runs_of(np.array([], np.int64)).shape == (0, 2)

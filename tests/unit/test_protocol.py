@@ -1,0 +1,37 @@
+"""ufcram.protocol: framing and validation, no sockets or kernel needed."""
+import pytest
+
+from ufcram import protocol as P
+from ufcram.errors import ProtocolError
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_round_trip():
+    payload = P.pack_request(P.DEMOTE, 3, 4096, 8192)
+    op, seq, body = P.decode(P.encode(P.DEMOTE, 7, payload))
+    assert (op, seq) == (P.DEMOTE, 7)
+    assert P.unpack_request(op, body) == (3, 4096, 8192)
+
+
+@pytest.mark.parametrize("frame,message", [
+    (b"", "truncated"),
+    (b"UFCR\x01\x00", "truncated"),
+    (b"XXXX" + bytes(12), "bad magic"),
+    (P.HEADER.pack(P.MAGIC, 99, P.STATS, 1, 0), "version 99"),
+    (P.HEADER.pack(P.MAGIC, P.VERSION, P.STATS, 1, 4), "payload length"),
+])
+def test_malformed_frames_are_refused(frame, message):
+    with pytest.raises(ProtocolError, match=message):
+        P.decode(frame)
+
+
+def test_unknown_op_and_wrong_payload_size():
+    with pytest.raises(ProtocolError, match="unknown"):
+        P.unpack_request(77, b"")
+    with pytest.raises(ProtocolError, match="expected"):
+        P.unpack_request(P.DEMOTE, b"\0" * 5)
+
+
+def test_error_payload_round_trip():
+    assert P.parse_error(P.error_payload(22, "bad range")) == (22, "bad range")

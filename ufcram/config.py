@@ -1,0 +1,50 @@
+"""Every tunable of ufcram: one UFCRAM_* environment variable each, with unit and default.
+docs/configuration.md lists the same table; a unit test keeps the two in step.
+"""
+import os
+from dataclasses import dataclass
+
+import psutil
+
+from .errors import UfcramError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    unit: str
+    default: object
+    help: str
+
+
+def _default_capacity():
+    return psutil.virtual_memory().total // 4
+
+
+SETTINGS = {s.name: s for s in (
+    Setting("UFCRAM_NODE_CAPACITY", "bytes", "25% of physical RAM",
+            "physical capacity of a node's compressed pool"),
+    Setting("UFCRAM_STAGING_PAGES", "pages", 256,
+            "pages the agent copies out per demotion batch (shared staging buffer size)"),
+    Setting("UFCRAM_AGENT_TIMEOUT", "seconds", 30.0,
+            "how long the handler waits for an agent reply before it drops the client"),
+    Setting("UFCRAM_USER_MODE_ONLY", "0/1", 0,
+            "open userfaultfd with UFFD_USER_MODE_ONLY (no grant needed; system calls "
+            "touching demoted pages then fail with EFAULT)"),
+    Setting("UFCRAM_DEBUG", "0/1", 0, "log handler decisions to stderr"),
+)}
+
+
+def get(name, parse=int):
+    """The value of a setting: the environment if set, else its default."""
+    setting = SETTINGS[name]
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return _default_capacity() if name == "UFCRAM_NODE_CAPACITY" else setting.default
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise UfcramError(f"{name}={raw!r}: expected a number of {setting.unit}") from None
+    if value < 0:
+        raise UfcramError(f"{name}={raw!r}: must not be negative")
+    return value

@@ -1,0 +1,81 @@
+"""The application's link to a node: its userfaultfd, its agent thread, the staging
+buffer they share with the handler, and request/reply over the control socket.
+"""
+import mmap
+import os
+import socket
+import threading
+
+from . import config
+from . import protocol as P
+from ._shim import lib
+from .errors import HandlerError, ProtocolError
+from .pagetable import PAGE_SIZE
+from .uffd import Uffd, address_of
+
+
+class Connection:
+    def __init__(self, sock, describe_handler=lambda: "the ufcram handler"):
+        self.sock = sock
+        self.describe_handler = describe_handler
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.uffd = Uffd.open()
+        self.staging = self._start_agent()
+
+    def _start_agent(self):
+        size = config.get("UFCRAM_STAGING_PAGES") * PAGE_SIZE
+        if size == 0:
+            raise HandlerError("UFCRAM_STAGING_PAGES must be at least 1")
+        fd = os.memfd_create("ufcram-staging", os.MFD_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            os.ftruncate(fd, size)
+            # Kept mapped for the life of the process: the agent thread writes into it
+            # whenever the handler asks, and nothing tells us when it has stopped.
+            staging = mmap.mmap(fd, size)
+            rc = lib.ufc_agent_start(self.uffd.fd, ours.fileno(), address_of(staging), size)
+            if rc < 0:
+                raise HandlerError(f"could not start the agent thread: {os.strerror(-rc)}")
+            ours.detach()   # the agent thread owns and closes its end
+            self.request(P.HELLO, P.pack_request(P.HELLO, size, 0),
+                         fds=[self.uffd.fd, theirs.fileno(), fd])
+            return staging
+        finally:
+            os.close(fd)
+            theirs.close()
+            ours.close()
+
+    def request(self, op, payload=b"", fds=()):
+        """Send one request and return its reply payload; HandlerError on refusal."""
+        with self.lock:
+            self.seq += 1
+            frame = P.encode(op, self.seq, payload)
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [frame], fds)
+                else:
+                    self.sock.send(frame)
+                data = P.recv_frame(self.sock)
+            except OSError as e:
+                raise HandlerError(f"{self.describe_handler()} is unreachable: {e}") from e
+            if not data:
+                raise HandlerError(f"{self.describe_handler()} has gone away")
+            rop, rseq, body = P.decode(data)
+            if rseq != self.seq:
+                raise ProtocolError(f"reply {rseq} to request {self.seq}")
+            if rop == P.ERROR:
+                code, message = P.parse_error(body)
+                raise HandlerError(f"the handler refused: {message}")
+            return body
+
+    def call(self, op, *fields):
+        return self.request(op, P.pack_request(op, *fields))
+
+    def count(self, op, *fields):
+        return P.COUNT.unpack(self.call(op, *fields))[0]
+
+    def close(self, keep_uffd=False):
+        self.sock.close()
+        if not keep_uffd:
+            self.uffd.close()

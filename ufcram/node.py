@@ -1,0 +1,104 @@
+"""A compressed-capacity node as the application sees it: a handler process with its
+pool, spawned on demand, and this process's connection to it.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+
+from . import protocol as P
+from .connection import Connection
+from .errors import HandlerError
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Node:
+    _default = None
+    _default_lock = threading.Lock()
+
+    def __init__(self, capacity=None):
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+            raise HandlerError(f"node capacity must be a non-negative int, got {capacity!r}")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [sys.executable, "-m", "ufcram.handler", "--fd", str(theirs.fileno())]
+        if capacity is not None:
+            cmd += ["--capacity", str(capacity)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        self.regions = weakref.WeakSet()
+        try:
+            self.connection = Connection(ours, self._describe)
+        except BaseException:
+            ours.close()
+            self._reap()
+            raise
+
+    @classmethod
+    def default(cls):
+        """This process's private node, started on first use."""
+        with cls._default_lock:
+            if cls._default is None or cls._default.closed:
+                cls._default = cls()
+            return cls._default
+
+    @property
+    def closed(self):
+        return self.connection is None
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def _describe(self):
+        code = self.process.poll()
+        state = "running" if code is None else f"exited with status {code}"
+        return f"the ufcram handler (pid {self.process.pid}, {state})"
+
+    def stats(self):
+        if self.closed:
+            raise HandlerError("node is closed")
+        return json.loads(self.connection.call(P.STATS, P.NODE))
+
+    def close(self):
+        """Close every region of this node, then let the handler go."""
+        if self.closed:
+            return
+        released = False
+        try:
+            for region in list(self.regions):
+                region.close()
+            released = True
+        finally:
+            # Closing the uffd while a region may still hold demoted pages would make
+            # them read as zeros: if the handler could not release them, keep it open
+            # so such an access blocks visibly instead.
+            self.connection.close(keep_uffd=not released)
+            self.connection = None
+            self._reap()
+
+    def _reap(self):
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _forget_default_in_child():
+    # a forked child has no agent thread and no handler of its own
+    Node._default = None
+
+
+os.register_at_fork(after_in_child=_forget_default_in_child)

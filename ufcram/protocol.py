@@ -1,0 +1,101 @@
+"""The handler's socket protocol: versioned binary frames over SOCK_SEQPACKET, with
+descriptors passed as SCM_RIGHTS. Every frame is validated before it is acted on.
+"""
+import json
+import os
+import socket
+import struct
+
+from .errors import ProtocolError
+
+MAGIC = b"UFCR"
+VERSION = 1
+HEADER = struct.Struct("<4sHHII")   # magic, version, op, seq, payload length
+MAX_FRAME = 64 * 1024
+MAX_FDS = 4
+
+# requests
+HELLO = 1        # fds: uffd, agent socket, staging memfd; payload: staging bytes, agent tid
+REGISTER = 2     # start, length -> region id
+UNREGISTER = 3   # region id, restore flag -> pages restored
+DEMOTE = 4       # region id, offset, length -> pages demoted
+STATS = 5        # region id (or NODE) -> JSON
+# replies
+OK = 100
+ERROR = 101
+
+NODE = 0xFFFFFFFF
+
+PAYLOADS = {
+    HELLO: struct.Struct("<Qi"),
+    REGISTER: struct.Struct("<QQ"),
+    UNREGISTER: struct.Struct("<IB"),
+    DEMOTE: struct.Struct("<IQQ"),
+    STATS: struct.Struct("<I"),
+}
+COUNT = struct.Struct("<Q")
+ERRNO = struct.Struct("<i")
+
+
+def encode(op, seq, payload=b""):
+    return HEADER.pack(MAGIC, VERSION, op, seq, len(payload)) + payload
+
+
+def decode(frame):
+    """(op, seq, payload) of a frame; ProtocolError if it is not a well-formed frame."""
+    if len(frame) < HEADER.size:
+        raise ProtocolError(f"truncated frame ({len(frame)} bytes)")
+    magic, version, op, seq, length = HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise ProtocolError("bad magic: not a ufcram frame")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} unsupported (this side: {VERSION})")
+    if length != len(frame) - HEADER.size:
+        raise ProtocolError(f"payload length {length} != {len(frame) - HEADER.size} received")
+    return op, seq, frame[HEADER.size:]
+
+
+def unpack_request(op, payload):
+    layout = PAYLOADS.get(op)
+    if layout is None:
+        raise ProtocolError(f"unknown request op {op}")
+    if len(payload) != layout.size:
+        raise ProtocolError(f"op {op}: payload of {len(payload)} bytes, expected {layout.size}")
+    return layout.unpack(payload)
+
+
+def pack_request(op, *fields):
+    return PAYLOADS[op].pack(*fields)
+
+
+def error_payload(errno_, message):
+    return ERRNO.pack(errno_) + message.encode()[:MAX_FRAME - 64]
+
+
+def parse_error(payload):
+    (errno_,) = ERRNO.unpack_from(payload)
+    return errno_, payload[ERRNO.size:].decode(errors="replace")
+
+
+def json_payload(obj):
+    return json.dumps(obj).encode()
+
+
+def recv_frame(sock, with_fds=False):
+    """One frame (and its descriptors); b'' when the peer has gone."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_FRAME, MAX_FDS)
+    if flags & socket.MSG_CTRUNC or flags & socket.MSG_TRUNC:
+        close_all(fds)
+        raise ProtocolError("oversized frame or too many descriptors")
+    if fds and not with_fds:
+        close_all(fds)
+        raise ProtocolError("unexpected descriptors")
+    return (data, fds) if with_fds else data
+
+
+def close_all(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,102 @@
+"""A managed anonymous region: memory whose pages the node may demote into its
+compressed pool, read and written through numpy views like any other memory.
+"""
+import json
+import mmap
+import numbers
+
+import numpy as np
+
+from . import protocol as P
+from .errors import RegionClosedError, RegionError
+from .node import Node
+from .pagetable import PAGE_SIZE, PageTable
+from .uffd import address_of
+
+
+def _positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise RegionError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Region:
+    def __init__(self, nbytes, node=None):
+        nbytes = _positive_int(nbytes, "region size")
+        self.nbytes = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+        self.node = node if node is not None else Node.default()
+        if self.node.closed:
+            raise RegionClosedError("the node is closed")
+        self._mm = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # huge pages would defeat page-granular demotion
+        self._mm.madvise(mmap.MADV_NOHUGEPAGE)
+        self.address = address_of(self._mm)
+        self._bounds = PageTable(self.address, self.nbytes // PAGE_SIZE)
+        conn = self.node.connection
+        conn.uffd.register(self.address, self.nbytes)
+        try:
+            self.id = conn.count(P.REGISTER, self.address, self.nbytes)
+        except BaseException:
+            conn.uffd.unregister(self.address, self.nbytes)
+            self._mm.close()
+            raise
+        self.node.regions.add(self)
+        self.closed = False
+
+    def _conn(self):
+        if self.closed:
+            raise RegionClosedError("region is closed")
+        return self.node.connection
+
+    def array(self, dtype=np.uint8, shape=None, offset=0):
+        """A numpy view of the region's memory (no copy)."""
+        self._conn()
+        dtype = np.dtype(dtype)
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+            raise RegionError(f"offset must be a non-negative integer, got {offset!r}")
+        if shape is None:
+            shape = ((self.nbytes - offset) // dtype.itemsize,)
+        shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset + count * dtype.itemsize > self.nbytes:
+            raise RegionError(f"{count} x {dtype} at offset {offset} does not fit in "
+                              f"{self.nbytes} bytes")
+        return np.frombuffer(self._mm, dtype, count, offset).reshape(shape)
+
+    def demote(self, offset=0, length=None):
+        """Demote the resident pages of [offset, offset + length) into the node's pool;
+        returns how many pages were demoted. The range must be page-aligned."""
+        conn = self._conn()
+        length = self.nbytes - offset if length is None else length
+        self._bounds.page_range(offset, length)   # clear errors before any work
+        return conn.count(P.DEMOTE, self.id, offset, length)
+
+    def stats(self):
+        return json.loads(self._conn().call(P.STATS, self.id))
+
+    def close(self):
+        """Release the region, handler side included. Live numpy views keep their
+        bytes: the region's pages are restored to plain memory before it is let go."""
+        if self.closed:
+            return
+        conn = self._conn()
+        self.closed = True
+        self.node.regions.discard(self)
+        try:
+            self._mm.close()
+            restore = False
+        except BufferError:   # views still use the memory
+            restore = True
+        conn.count(P.UNREGISTER, self.id, int(restore))
+        if restore:
+            conn.uffd.unregister(self.address, self.nbytes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"at {self.address:#x}"
+        return f"<ufcram.Region {self.nbytes} bytes {state}>"
