@@ -1,0 +1,467 @@
+"""Compressed-capacity pool: the CRAM node's storage, where demoted 4 KiB pages live.
+Pages are lz4-compressed into mmap-backed numpy arenas split by size class (zsmalloc-like).
+"""
+import math
+import mmap
+import sys
+import threading
+from fractions import Fraction
+
+import lz4.block
+import numpy as np
+
+from .errors import PoolError, PoolFullError
+
+PAGE_SIZE = 4096
+HANDLE_NONE = -1
+CLASS_STEP = 32          # slot size step: mean internal waste 16 bytes per entry
+PERCENTILES = (50, 90, 99, 99.9, 99.99, 99.999, 99.9999, 99.99999)
+_OFF = 0xFFFFFFFF
+_compress, _decompress = lz4.block.compress, lz4.block.decompress
+
+
+def _pg(nbytes):
+    """Bytes of the whole pages covering nbytes."""
+    return -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+
+
+def _capacity(value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise PoolError(f"capacity must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+class Pool:
+    """Compressed pages under a physical byte limit. Single-owner: see transfer_owner().
+
+    A handle indexes per-entry numpy arrays: ``_loc`` (int64: arena << 32 | byte offset, or
+    the fill word of a same-filled page) and ``_size`` (int16: -1 free, 0 same-filled, 4096
+    stored raw, else the lz4 size). Free handles sit on an int32 stack, freed slots on an
+    int64 stack per class. An arena holds the slots of one class; a class takes freed slots
+    first, then bumps through its current arena: only that arena has never-used slots.
+
+    Memory: arenas are private anonymous mmaps without transparent huge pages, so the OS
+    backs only the 4 KiB pages the pool has written; an arena costs its bumped bytes rounded
+    up to whole pages (``arena_bytes``, which equals the RSS the arenas add). ``capacity``
+    limits arena_bytes: a store that needs a new page beyond it is refused whole.
+    ``mem_used_total`` = arena_bytes + the nbytes of every metadata array: per handle 14
+    bytes at allocated size (<= 21 per live entry with 1.5x growth), 8 per freed slot and per
+    arena, and a 32 KiB histogram. Python objects per class and per arena (~0.3 KiB per
+    2 MiB arena) are not counted.
+    """
+
+    def __init__(self, capacity, *, arena_size=2 << 20, huge_threshold=3072):
+        if (not isinstance(arena_size, int) or not PAGE_SIZE <= arena_size <= 1 << 32
+                or arena_size % PAGE_SIZE):
+            raise PoolError(f"arena_size must be a multiple of {PAGE_SIZE} up to 4 GiB")
+        if not isinstance(huge_threshold, int) or not 0 < huge_threshold <= PAGE_SIZE:
+            raise PoolError(f"huge_threshold must be an int in 1..{PAGE_SIZE}")
+        self._owner = threading.get_ident()
+        self._cap = _capacity(capacity)
+        self._arena_size, self._thr = arena_size, min(huge_threshold, PAGE_SIZE - 1)
+        self._huge = -(-huge_threshold // CLASS_STEP)      # class of raw pages, the last one
+        self._cslot = [min((c + 1) * CLASS_STEP, PAGE_SIZE) for c in range(self._huge)] + [
+            PAGE_SIZE]
+        self._cnslots = [arena_size // s for s in self._cslot]
+        self._cls_of = [0] + [(n - 1) // CLASS_STEP for n in range(1, PAGE_SIZE)] + [self._huge]
+        ncls = len(self._cslot)
+        self._ftop, self._cur = [0] * ncls, [-1] * ncls
+        self._chwm = list(self._cnslots)      # slots bumped in the current arena; full if none
+        self._meta = 0
+        self._stacks = [np.empty(0, np.int64) for _ in range(ncls)]
+        self._acls = np.empty(0, np.int64)    # per arena: class, -1 once released
+        self._mv, self._mm, self._spare = [], [], []   # per arena: a view of it, its mmap
+        self._loc, self._size = np.empty(0, np.int64), np.empty(0, np.int16)
+        self._hfree = np.empty(0, np.int32)
+        self._nh = self._nfree = 0            # handles issued, handles on the free stack
+        self._hist = np.zeros(PAGE_SIZE + 1, np.int64)
+        self._meta += self._hist.nbytes
+        self._arena_bytes = self._peak = self._compacted = 0
+
+    # --- ownership, validation, metadata arrays ---
+    def _own(self):
+        if threading.get_ident() != self._owner:
+            raise PoolError(f"Pool is single-owner; it belongs to thread {self._owner}, not "
+                            f"{threading.get_ident()}: call transfer_owner() from the new owner")
+
+    def transfer_owner(self):
+        """Make the calling thread the owner (the handler builds the pool, then runs it in
+        its loop thread). A handover, not a lock: the old owner must have stopped using it."""
+        self._owner = threading.get_ident()
+
+    def _resize(self, a, n, fill=-1):
+        """Copy of a with capacity n; the change counted in the metadata bytes."""
+        b = np.full(n, fill, a.dtype)
+        b[:min(n, len(a))] = a[:n]
+        self._meta += b.nbytes - a.nbytes
+        return b
+
+    def _handle(self, handle):
+        if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)):
+            raise PoolError(f"handle must be an int, got {handle!r}")
+        if not 0 <= handle < self._nh or self._size[handle] < 0:
+            raise PoolError(f"unknown or freed handle {handle}")
+        return int(handle)
+
+    def _handles(self, handles):
+        """Validated int64 handles and their sizes; PoolError naming a bad one."""
+        h = np.asarray(handles)
+        if h.ndim != 1 or (h.size and h.dtype.kind not in "iu"):
+            raise PoolError("handles must be a 1-D array of ints")
+        h = h.astype(np.int64, copy=False)
+        if h.size and (h.min() < 0 or h.max() >= self._nh):
+            raise PoolError(f"unknown handle {h[(h < 0) | (h >= self._nh)][0]}; nothing done")
+        sizes = self._size[h]
+        if h.size and sizes.min() < 0:
+            raise PoolError(f"freed handle {h[sizes < 0][0]}; nothing done")
+        return h, sizes
+
+    @staticmethod
+    def _page(page, writable=False):
+        try:
+            mv = memoryview(page)
+        except TypeError:
+            raise PoolError(f"a page must be a buffer, not {type(page).__name__}") from None
+        if mv.nbytes != PAGE_SIZE or not mv.c_contiguous or (writable and mv.readonly):
+            raise PoolError(f"a page must be {PAGE_SIZE} contiguous{' writable' * writable} "
+                            f"bytes, got {mv.nbytes}")
+        return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+    @staticmethod
+    def _rows(pages, writable=False):
+        if (not isinstance(pages, np.ndarray) or pages.dtype != np.uint8 or pages.ndim != 2
+                or pages.shape[1] != PAGE_SIZE):
+            raise PoolError(f"pages must be a uint8 ndarray of shape (n, {PAGE_SIZE})")
+        if writable and not (pages.flags.c_contiguous and pages.flags.writeable):
+            raise PoolError("out must be C-contiguous and writable")
+        return pages if pages.flags.c_contiguous else np.ascontiguousarray(pages)
+
+    # --- arenas and slots ---
+    def _new_arena(self, c):
+        mm = mmap.mmap(-1, self._arena_size, flags=mmap.MAP_PRIVATE)
+        mm.madvise(mmap.MADV_NOHUGEPAGE)   # a huge page would commit 2 MiB on first touch
+        a = self._spare.pop() if self._spare else len(self._mv)
+        if a == len(self._mv):
+            self._mv.append(None)
+            self._mm.append(None)
+            if a == len(self._acls):
+                self._acls = self._resize(self._acls, max(16, a * 3 // 2))
+        # the arena is a numpy array; slicing its memoryview is the cheapest per-page access
+        self._mv[a], self._mm[a] = memoryview(np.frombuffer(mm, np.uint8)), mm
+        self._acls[a] = c
+        self._cur[c], self._chwm[c] = a, 0
+
+    def _release(self, a):
+        """Unmap arena a: its memory goes back to the OS now."""
+        c = int(self._acls[a])
+        bumped = self._chwm[c] if self._cur[c] == a else self._cnslots[c]
+        self._arena_bytes -= _pg(bumped * self._cslot[c])
+        self._mv[a].release()              # drops the numpy array, then the mapping goes
+        self._mm[a].close()
+        self._mv[a] = self._mm[a] = None
+        self._acls[a] = -1
+        if self._cur[c] == a:
+            self._cur[c], self._chwm[c] = -1, self._cnslots[c]
+        self._spare.append(a)
+
+    def _slot(self, c, limit=True):
+        """Location of a free slot of class c, or -1 if it needs memory beyond capacity."""
+        top = self._ftop[c]
+        if top:
+            self._ftop[c] = top - 1
+            return self._stacks[c].item(top - 1)
+        s, h = self._cslot[c], self._chwm[c]
+        full = h == self._cnslots[c]
+        need = _pg(s) if full else _pg((h + 1) * s) - _pg(h * s)
+        if limit and need and self._arena_bytes + need > self._cap:
+            return -1
+        if full:
+            self._new_arena(c)
+            h = 0
+        self._chwm[c] = h + 1
+        self._arena_bytes += need
+        return (self._cur[c] << 32) | (h * s)
+
+    # --- store ---
+    def store(self, page):
+        """Store one page (any 4096-byte buffer); its handle. PoolFullError: nothing stored."""
+        self._own()
+        mv = self._page(page)
+        raw = mv.tobytes()         # for one page, a bytes compare beats numpy's call costs
+        lo, sz, refused = self._place(mv, [raw[8:] == raw[:-8]], [int.from_bytes(
+            raw[:8], sys.byteorder, signed=True)])
+        if refused:
+            raise PoolFullError(f"pool full: {self._arena_bytes} of {self._cap} arena bytes "
+                                f"used; this page needs a new 4 KiB page of arena memory")
+        return int(self._record(lo, sz)[0])
+
+    def store_many(self, pages):
+        """Store the rows of a (n, 4096) uint8 array, in order; their handles (int64).
+
+        A page that does not fit gets HANDLE_NONE and none of its bytes are stored (no
+        exception); later pages are still tried, so one that fits (same-filled, or one for
+        a freed slot of its class) may be stored after a refused one.
+        """
+        self._own()
+        pages = self._rows(pages)
+        words = pages.view(np.int64)
+        first = words[:, 0]
+        same = first == words[:, 1]            # cheap filter before the whole-page check
+        flags = same.tolist()
+        if True in flags:
+            same[same] = (words[same] == words[same, :1]).all(axis=1)
+            flags = same.tolist()
+        lo, sz, refused = self._place(memoryview(pages.reshape(-1)), flags, first.tolist())
+        if not refused:
+            return self._record(lo, sz)
+        ok = [i for i, n in enumerate(sz) if n >= 0]
+        out = np.full(len(sz), HANDLE_NONE, np.int64)
+        out[ok] = self._record([lo[i] for i in ok], [sz[i] for i in ok])
+        return out
+
+    def _place(self, flat, same, first_words):
+        """Write pages (flat holds them back to back) into slots, in order: per page its
+        location (the fill word if same-filled), stored size (-1: did not fit), and
+        whether any page was refused."""
+        P, thr, cls_of, off_mask = PAGE_SIZE, self._thr, self._cls_of, _OFF
+        ftop, stacks, slot, mvs, lo, sz = self._ftop, self._stacks, self._slot, self._mv, [], []
+        add_lo, add_sz, refused = lo.append, sz.append, False
+        for at, is_same, word in zip(range(0, len(flat), P), same, first_words):
+            if is_same:            # zram's same_pages: the word is the whole entry
+                add_lo(word)
+                add_sz(0)
+                continue
+            page = flat[at:at + P]
+            d = _compress(page, store_size=False)
+            n = len(d)
+            if n > thr:
+                d, n = page, P
+            c = cls_of[n]
+            top = ftop[c]
+            if top:                # _slot()'s free-slot pop, inlined: the hot path
+                ftop[c] = top = top - 1
+                loc = stacks[c].item(top)
+            else:
+                loc = slot(c)
+            if loc < 0:
+                n, refused = -1, True
+            else:
+                o = loc & off_mask
+                mvs[loc >> 32][o:o + n] = d
+            add_lo(loc)
+            add_sz(n)
+        return lo, sz, refused
+
+    def _record(self, lo, sz):
+        """Handles for entries already written, given their locations and sizes."""
+        k, nf = len(lo), self._nfree
+        if k <= nf:
+            h = self._hfree[nf - k:nf].astype(np.int64)
+            self._nfree -= k
+        else:
+            h = np.concatenate((self._hfree[:nf], np.arange(self._nh, self._nh + k - nf)),
+                               dtype=np.int64)
+            self._nh += k - nf
+            self._nfree = 0
+        if self._nh > len(self._loc):
+            cap = max(self._nh, len(self._loc) * 3 // 2, 1024)
+            self._loc, self._size = self._resize(self._loc, cap), self._resize(self._size, cap)
+            self._hfree = self._resize(self._hfree, cap)
+        sizes = np.fromiter(sz, np.int64, k)
+        self._loc[h], self._size[h] = lo, sizes
+        np.add.at(self._hist, sizes, 1)
+        self._peak = max(self._peak, self._arena_bytes + self._meta)
+        return h
+
+    # --- load ---
+    def load(self, handle, out=None):
+        """The page of handle, written into out (a writable 4096-byte buffer) and out
+        returned; a new bytes if out is None."""
+        self._own()
+        h = self._handle(handle)
+        dst = None if out is None else self._page(out, writable=True)
+        n, loc = int(self._size[h]), int(self._loc[h])
+        if n == 0:
+            data = loc.to_bytes(8, sys.byteorder, signed=True) * (PAGE_SIZE // 8)
+        else:
+            o = loc & _OFF
+            data = self._mv[loc >> 32][o:o + n]
+            if n < PAGE_SIZE:
+                data = _decompress(data, PAGE_SIZE)
+        if dst is None:
+            return bytes(data)
+        dst[:] = data
+        return out
+
+    def load_many(self, handles, out):
+        """Pages of handles into the rows of out, a C-contiguous (n, 4096) uint8 array;
+        returns out."""
+        self._own()
+        h, sizes = self._handles(handles)
+        out = self._rows(out, writable=True)
+        if len(out) != len(h):
+            raise PoolError(f"out has {len(out)} rows for {len(h)} handles")
+        flat, mvs, P, bo, off_mask = memoryview(out.reshape(-1)), self._mv, PAGE_SIZE, \
+            sys.byteorder, _OFF
+        for at, n, loc in zip(range(0, len(flat), P), sizes.tolist(), self._loc[h].tolist()):
+            if n == 0:
+                flat[at:at + P] = loc.to_bytes(8, bo, signed=True) * (P // 8)
+                continue
+            o = loc & off_mask
+            src = mvs[loc >> 32][o:o + n]
+            flat[at:at + P] = src if n == P else _decompress(src, P)
+        return out
+
+    # --- free and compaction ---
+    def free(self, handle):
+        """Drop one entry; its slot is reused. PoolError if unknown or already freed."""
+        self._own()
+        h = self._handle(handle)
+        n = int(self._size[h])
+        if n:
+            self._push(self._cls_of[n], int(self._loc[h]))
+        self._size[h] = -1
+        self._hfree[self._nfree] = h
+        self._nfree += 1
+
+    def free_many(self, handles):
+        """Drop entries; all handles are checked (known, live, not repeated) before any."""
+        self._own()
+        h, sizes = self._handles(handles)
+        if len(set(h.tolist())) != len(h):
+            raise PoolError("a handle is repeated in free_many (double free); nothing done")
+        cls_of, push = self._cls_of, self._push
+        for n, loc in zip(sizes.tolist(), self._loc[h].tolist()):
+            if n:
+                push(cls_of[n], loc)
+        self._size[h] = -1
+        self._hfree[self._nfree:self._nfree + len(h)] = h
+        self._nfree += len(h)
+
+    def _push(self, c, loc):
+        """Put a freed slot on its class's stack."""
+        top = self._ftop[c]
+        if top == len(self._stacks[c]):
+            self._stacks[c] = self._resize(self._stacks[c], max(64, top * 3 // 2))
+            self._peak = max(self._peak, self._arena_bytes + self._meta)
+        self._stacks[c][top] = loc
+        self._ftop[c] = top + 1
+
+    def compact(self):
+        """Move entries out of the sparsest arenas into free slots of their class and unmap
+        the emptied arenas (the node's TRIM). Handles stay valid. Returns bytes released."""
+        self._own()
+        before = self._arena_bytes
+        live = np.flatnonzero(self._size[:self._nh] > 0)
+        arenas = self._loc[live] >> 32
+        alive = np.bincount(arenas, minlength=len(self._acls))
+        plans = [(c, v) for c in range(len(self._cslot)) if len(v := self._victims(c, alive))]
+        if not plans:
+            return 0
+        moving = np.isin(arenas, np.concatenate([v for _, v in plans]))
+        hs, hcls = live[moving], self._acls[arenas[moving]]
+        for c, victims in plans:
+            self._evacuate(c, victims, hs[hcls == c])
+            for a in victims.tolist():
+                self._release(a)
+        return before - self._arena_bytes
+
+    def _victims(self, c, alive):
+        """Sparsest arenas of class c whose entries fit in the free slots of the others."""
+        ids = np.flatnonzero(self._acls == c)
+        ids = ids[np.argsort(alive[ids], kind="stable")]
+        live = alive[ids]
+        moved = np.concatenate(([0], np.cumsum(live)))
+        room = np.concatenate((np.cumsum((self._cnslots[c] - live)[::-1])[::-1], [0]))
+        return ids[:np.count_nonzero(moved <= room) - 1]
+
+    def _evacuate(self, c, victims, hs):
+        stack = self._stacks[c][:self._ftop[c]]
+        dst = stack[~np.isin(stack >> 32, victims)]
+        m = len(hs)
+        self._ftop[c] = 0          # so that _slot() below bumps instead of popping
+        # the victims were chosen so that this bumps only into a kept current arena
+        extra = [self._slot(c, limit=False) for _ in range(m - len(dst))]
+        dst, keep = np.concatenate((dst, np.array(extra, np.int64))), dst[m:]
+        self._stacks[c] = self._resize(self._stacks[c], max(len(keep) * 3 // 2, 64))
+        self._stacks[c][:len(keep)] = keep
+        self._ftop[c] = len(keep)
+        dst, mvs = dst[:m], self._mv
+        for s, d, n in zip(self._loc[hs].tolist(), dst.tolist(), self._size[hs].tolist()):
+            so, do = s & _OFF, d & _OFF
+            mvs[d >> 32][do:do + n] = mvs[s >> 32][so:so + n]
+        self._loc[hs] = dst
+        self._compacted += m
+
+    # --- capacity and stats ---
+    @property
+    def capacity(self):
+        """Byte limit of arena memory; settable at run time, also below current use."""
+        self._own()
+        return self._cap
+
+    @capacity.setter
+    def capacity(self, value):
+        self._own()
+        self._cap = _capacity(value)
+
+    @property
+    def over_capacity(self):
+        """True when arena memory exceeds capacity: stores needing new memory are refused."""
+        self._own()
+        return self._arena_bytes > self._cap
+
+    @property
+    def mem_used_total(self):
+        """Physical use (arena_bytes + metadata) in O(1), for decisions on the fault path."""
+        self._own()
+        return self._arena_bytes + self._meta
+
+    def orphans(self, held):
+        """Live handles not among `held` (what the page tables refer to): entries nothing
+        can reach any more, for the handler's periodic reconciliation."""
+        self._own()
+        held = np.asarray(held, np.int64)
+        live = np.flatnonzero(self._size[:self._nh] >= 0)
+        return np.setdiff1d(live, held[held >= 0], assume_unique=False)
+
+    def __len__(self):
+        self._own()
+        return self._nh - self._nfree
+
+    def __contains__(self, handle):
+        self._own()
+        try:
+            self._handle(handle)
+        except PoolError:
+            return False
+        return True
+
+    def ratio_percentile(self, q):
+        """Per-page compression ratio at percentile q in [0, 100] (nearest rank) over every
+        page ever stored. Ratio = stored bytes / 4096: 0 same-filled, 1.0 stored raw;
+        larger is worse. 1.0, the pessimistic value, before any store."""
+        self._own()
+        if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) \
+                or not 0 <= q <= 100:
+            raise PoolError(f"percentile must be a number in [0, 100], got {q!r}")
+        total = int(self._hist.sum())
+        if not total:
+            return 1.0
+        rank = max(1, math.ceil(Fraction(str(float(q))) * total / 100))
+        return int(np.searchsorted(np.cumsum(self._hist), rank)) / PAGE_SIZE
+
+    def stats(self):
+        """zram-style counters (mem_used_total: see the class docstring). Entry counts are
+        derived from the per-entry arrays: O(entries), for monitoring, not per page."""
+        self._own()
+        used, live, sizes = self.mem_used_total, len(self), self._size[:self._nh]
+        return {
+            "orig_data_size": live * PAGE_SIZE,
+            "compr_data_size": int(sizes.sum(dtype=np.int64)) + self._nfree,  # free: -1 each
+            "mem_used_total": used, "mem_limit": self._cap, "mem_used_max": max(self._peak, used),
+            "same_pages": int(np.count_nonzero(sizes == 0)), "pages_compacted": self._compacted,
+            "huge_pages": int(np.count_nonzero(sizes == PAGE_SIZE)), "pages_stored": live,
+            "arena_bytes": self._arena_bytes, "meta_bytes": self._meta,
+            "ratio_percentiles": {f"p{q}": self.ratio_percentile(q) for q in PERCENTILES},
+        }
