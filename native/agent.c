@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "ufcram_native.h"
@@ -31,6 +32,20 @@ static int runs_fit(const struct ufc_run *runs, uint32_t nruns, uint64_t room, u
 	return *total <= room ? 0 : -E2BIG;
 }
 
+/* EAGAIN: the mappings are changing and the handler has an event to read; it reads
+ * events while it waits for us, so the protection goes through after a short wait. */
+static int writeprotect_retry(int uffd, uint64_t addr, uint64_t len, uint64_t mode)
+{
+	int rc;
+	for (int tries = 0; tries < 20000; tries++) {
+		rc = ufc_uffd_writeprotect(uffd, addr, len, mode);
+		if (rc != -EAGAIN)
+			return rc;
+		usleep(50);
+	}
+	return rc;
+}
+
 /* Write-protect first so that no write can slip in between the copy and the drop:
  * a writer now faults to the handler, which resolves it from the stored copy. */
 int ufc_agent_demote(int uffd, const struct ufc_run *runs, uint32_t nruns,
@@ -42,15 +57,27 @@ int ufc_agent_demote(int uffd, const struct ufc_run *runs, uint32_t nruns,
 	if (rc)
 		return rc;
 	for (uint32_t i = 0; i < nruns; i++) {
-		rc = ufc_uffd_writeprotect(uffd, runs[i].addr, runs[i].len,
-					   UFFDIO_WRITEPROTECT_MODE_WP);
+		rc = writeprotect_retry(uffd, runs[i].addr, runs[i].len,
+					UFFDIO_WRITEPROTECT_MODE_WP);
 		if (rc)
 			goto unprotect;
 	}
+	/* Copy out through the kernel rather than memcpy: if the application unmapped a
+	 * run meanwhile, this fails with EFAULT instead of killing it with SIGSEGV. */
+	struct iovec local[UFC_AGENT_MAX_RUNS], remote[UFC_AGENT_MAX_RUNS];
+	if (nruns > UFC_AGENT_MAX_RUNS) {
+		rc = -E2BIG;
+		goto unprotect;
+	}
 	for (uint32_t i = 0; i < nruns; i++) {
-		memcpy((void *)(uintptr_t)(staging + off), (void *)(uintptr_t)runs[i].addr,
-		       runs[i].len);
+		local[i] = (struct iovec){ (void *)(uintptr_t)(staging + off), runs[i].len };
+		remote[i] = (struct iovec){ (void *)(uintptr_t)runs[i].addr, runs[i].len };
 		off += runs[i].len;
+	}
+	ssize_t got = process_vm_readv(getpid(), local, nruns, remote, nruns, 0);
+	if (got != (ssize_t)total) {
+		rc = got < 0 ? -errno : -EFAULT;
+		goto unprotect;
 	}
 	/* from here on the staged copy is the truth: say so even if a drop fails, so the
 	 * handler can put back exactly the pages that went missing */
@@ -63,7 +90,7 @@ int ufc_agent_demote(int uffd, const struct ufc_run *runs, uint32_t nruns,
 	return 0;
 unprotect:
 	for (uint32_t j = 0; j < nruns; j++)
-		ufc_uffd_writeprotect(uffd, runs[j].addr, runs[j].len, 0);
+		writeprotect_retry(uffd, runs[j].addr, runs[j].len, 0);
 	return rc;
 }
 
