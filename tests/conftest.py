@@ -1,5 +1,6 @@
 """Markers that skip with a reason: `uffd` needs a working userfaultfd with write-protect
 on anonymous memory; `root` needs root. Every test also runs under pytest-timeout."""
+import faulthandler
 import os
 import sys
 
@@ -26,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=_UFFD_REASON))
         if "root" in item.keywords and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason="needs root (see the test's docstring)"))
+
+
+@pytest.fixture(autouse=True)
+def hard_timeout(request):
+    """A thread that faults while holding the GIL stops every Python thread, including
+    pytest-timeout's. faulthandler's watchdog is a C thread: it dumps the stacks and
+    exits even then, so a lost fault can never hang CI."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = (marker.args[0] if marker and marker.args else
+             request.config.getini("timeout") or 120)
+    faulthandler.dump_traceback_later(float(limit) + 15, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
