@@ -1,5 +1,5 @@
-"""The handler's view of one connected application process: its descriptors (uffd,
-agent, staging buffer), its regions' page tables, and per-region counters.
+"""The handler's view of one application process: its descriptors (uffd, agent,
+staging buffer), its regions with their page tables, policies and counters.
 """
 import mmap
 import os
@@ -11,22 +11,50 @@ import numpy as np
 from .agent import AgentLink
 from .errors import HandlerError, ProtocolError
 from .pagetable import PAGE_SIZE, PageTable
-from .uffd import WANTED, Uffd
+from .policy import Clock, ResidentLimit, WriteBudget
+from .uffd import Uffd
 
-COUNTERS = ("demotions", "restores", "zero_fills", "refused_full")
+COUNTERS = ("demotions", "clean_redemotions", "restores", "promotions", "budget_refusals",
+            "zero_fills", "refused_full", "refused_closed", "reaped")
+
+
+class ManagedRegion:
+    """One registered range of a client: its page table, policies and counters."""
+
+    def __init__(self, rid, table, resident_limit=None, write_budget=0):
+        self.id = rid
+        self.table = table
+        self.limit = ResidentLimit(resident_limit)
+        self.budget = WriteBudget(write_budget)
+        self.clock = Clock(table.npages)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        # pages the application freed while they were in flight to the node: their
+        # staged copy must not come back
+        self.freed_in_flight = np.zeros(table.npages, bool)
+
+    def stats(self):
+        return {"pages": self.table.npages, "resident": self.table.resident,
+                **self.table.counts(), **self.counters,
+                "write_budget": self.budget.spec,
+                "resident_limit": None if self.limit.pages is None
+                else self.limit.pages * PAGE_SIZE}
 
 
 class Client:
-    def __init__(self, conn):
+    def __init__(self, conn, uffd=None, parent=None):
         self.conn = conn
-        self.pid, self.uid, _ = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        self.uffd = None
+        self.pid = self.uid = -1
+        if conn is not None:
+            self.pid, self.uid, _ = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        self.uffd = uffd
+        self.parent = parent          # for a forked child: the client it was forked from
         self.agent = None
         self.staging = None
         self.staging_pages = None
+        self.staging_addr = 0
         self.regions = {}
-        self.counters = {}
+        self.expected_removes = set()   # (start, end) of the agent's own drops in flight
         self.next_region = 1
         self._starts = np.empty(0, np.uint64)
         self._ids = np.empty(0, np.int64)
@@ -35,8 +63,13 @@ class Client:
     def ready(self):
         return self.uffd is not None
 
-    def attach(self, fds, staging_bytes):
+    @property
+    def agent_tid(self):
+        return self.agent.tid if self.agent is not None else -1
+
+    def attach(self, fds, staging_bytes, features):
         """Take the descriptors of HELLO: uffd, agent socket, staging memfd."""
+        from .uffd import address_of
         if self.ready:
             raise ProtocolError("HELLO sent twice")
         if len(fds) != 3:
@@ -51,45 +84,74 @@ class Client:
         os.close(staging_fd)
         fds[:] = []   # owned from here on; closed by close()
         self.staging_pages = np.frombuffer(self.staging, np.uint8).reshape(-1, PAGE_SIZE)
+        self.staging_addr = address_of(self.staging)
         self.agent = AgentLink(socket.socket(fileno=agent_fd))
-        self.uffd = Uffd(uffd_fd, WANTED)
+        self.uffd = Uffd(uffd_fd, features)
 
-    def add_region(self, start, length):
+    def add_region(self, start, length, resident_limit=None, write_budget=0):
         if start % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
             raise ProtocolError(f"region {start:#x}+{length:#x} is not page-aligned")
-        if any(t.base < start + length and start < t.end for t in self.regions.values()):
+        if any(r.table.base < start + length and start < r.table.end
+               for r in self.regions.values()):
             raise ProtocolError(f"region {start:#x}+{length:#x} overlaps a registered one")
         rid = self.next_region
         self.next_region += 1
-        self.regions[rid] = PageTable(start, length // PAGE_SIZE)
-        self.counters[rid] = dict.fromkeys(COUNTERS, 0)
+        self.regions[rid] = ManagedRegion(rid, PageTable(start, length // PAGE_SIZE),
+                                          resident_limit, write_budget)
         self._index()
         return rid
 
     def region(self, rid):
-        table = self.regions.get(rid)
-        if table is None:
+        region = self.regions.get(rid)
+        if region is None:
             raise HandlerError(f"no region {rid} for this client")
-        return table
+        return region
 
     def remove_region(self, rid):
         self.region(rid)
-        del self.regions[rid], self.counters[rid]
+        del self.regions[rid]
+        self._index()
+
+    def adopt(self, table, like):
+        """A part of region `like` that mremap moved elsewhere becomes a region of its
+        own, under the same policies (the application never names it)."""
+        rid = self.next_region
+        self.next_region += 1
+        region = ManagedRegion(rid, table, write_budget=like.budget.spec)
+        region.limit = like.limit
+        self.regions[rid] = region
+        self._index()
+
+    def relocate(self, rid, table):
+        """Give region rid a new page table (the application moved it with mremap)."""
+        self.regions[rid].table = table
         self._index()
 
     def locate(self, addr):
-        """(region id, table) holding addr, or (None, None)."""
+        """The region holding addr, or None."""
         i = int(np.searchsorted(self._starts, addr, side="right")) - 1
         if i < 0:
-            return None, None
-        rid = int(self._ids[i])
-        table = self.regions[rid]
-        return (rid, table) if addr < table.end else (None, None)
+            return None
+        region = self.regions[int(self._ids[i])]
+        return region if addr < region.table.end else None
+
+    def overlapping(self, start, end):
+        return [r for r in self.regions.values() if r.table.base < end and start < r.table.end]
 
     def _index(self):
-        order = sorted(self.regions, key=lambda r: self.regions[r].base)
-        self._starts = np.array([self.regions[r].base for r in order], np.uint64)
+        order = sorted(self.regions, key=lambda r: self.regions[r].table.base)
+        self._starts = np.array([self.regions[r].table.base for r in order], np.uint64)
         self._ids = np.array(order, np.int64)
+
+    def fork(self, uffd_fd):
+        """The client of a forked child: the same regions and entries (shared with the
+        parent, as the child's memory is a copy), served through the child's uffd. The
+        child has no agent, so its pages are never demoted and its writes promote."""
+        child = Client(None, Uffd(uffd_fd, self.uffd.features), parent=self)
+        for rid, region in self.regions.items():
+            child.regions[rid] = ManagedRegion(rid, region.table.copy())
+        child._index()
+        return child
 
     def close(self):
         for closable in (self.agent, self.uffd, self.conn):

@@ -28,6 +28,8 @@ SETTINGS = {s.name: s for s in (
             "pages the agent copies out per demotion batch (shared staging buffer size)"),
     Setting("UFCRAM_AGENT_TIMEOUT", "seconds", 30.0,
             "how long the handler waits for an agent reply before it drops the client"),
+    Setting("UFCRAM_SCAN_INTERVAL", "seconds", 5.0,
+            "how often the handler reaps exited forked children and orphaned pool entries"),
     Setting("UFCRAM_USER_MODE_ONLY", "0/1", 0,
             "open userfaultfd with UFFD_USER_MODE_ONLY (no grant needed; system calls "
             "touching demoted pages then fail with EFAULT)"),

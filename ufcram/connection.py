@@ -1,10 +1,12 @@
 """The application's link to a node: its userfaultfd, its agent thread, the staging
 buffer they share with the handler, and request/reply over the control socket.
 """
+import atexit
 import mmap
 import os
 import socket
 import threading
+import weakref
 
 from . import config
 from . import protocol as P
@@ -14,14 +16,31 @@ from .pagetable import PAGE_SIZE
 from .uffd import Uffd, address_of
 
 
+_LIVE = weakref.WeakSet()
+_KEPT = []   # uffds kept open after their handler failed (see close)
+
+
+@atexit.register
+def _close_at_exit():
+    """Close every uffd before interpreter teardown unmaps regions: with the uffd gone
+    the kernel sends no UNMAP events, so exit never waits on a handler."""
+    for conn in list(_LIVE):
+        if conn.pid == os.getpid():
+            conn.close()
+    for uffd in _KEPT:
+        uffd.close()
+
+
 class Connection:
     def __init__(self, sock, describe_handler=lambda: "the ufcram handler"):
         self.sock = sock
+        self.pid = os.getpid()
         self.describe_handler = describe_handler
         self.lock = threading.Lock()
         self.seq = 0
         self.uffd = Uffd.open()
         self.staging = self._start_agent()
+        _LIVE.add(self)
 
     def _start_agent(self):
         size = config.get("UFCRAM_STAGING_PAGES") * PAGE_SIZE
@@ -48,6 +67,10 @@ class Connection:
 
     def request(self, op, payload=b"", fds=()):
         """Send one request and return its reply payload; HandlerError on refusal."""
+        if os.getpid() != self.pid:
+            # the socket is the parent's: a request from here would garble its stream
+            raise HandlerError(f"this node connection belongs to pid {self.pid}; a forked "
+                               "child reads and writes the memory but cannot manage it")
         with self.lock:
             self.seq += 1
             frame = P.encode(op, self.seq, payload)
@@ -76,6 +99,9 @@ class Connection:
         return P.COUNT.unpack(self.call(op, *fields))[0]
 
     def close(self, keep_uffd=False):
+        _LIVE.discard(self)
         self.sock.close()
-        if not keep_uffd:
+        if keep_uffd:
+            _KEPT.append(self.uffd)
+        else:
             self.uffd.close()

@@ -1,5 +1,6 @@
 """The fault handler: one process per node. A single-threaded event loop over every
-client's control socket and userfaultfd; it resolves faults and carries out requests.
+client's control socket and userfaultfd (and a listening socket for a shared node);
+faults and events go to the pager, requests are answered here.
 """
 import argparse
 import errno
@@ -9,51 +10,42 @@ import select
 import signal
 import socket
 import sys
+import time
 
 import numpy as np
 
-from . import config
+from . import config, events
 from . import protocol as P
-from ._shim import lib
-from .agent import MAX_RUNS
 from .client import Client
-from .errors import HandlerError, ProtocolError, UfcramError, UffdError, UffdRetry
-from .pagetable import DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, runs_of
+from .errors import HandlerError, ProtocolError, UfcramError, UffdError
+from .pagetable import NO_ENTRY, PAGE_SIZE
+from .pager import POLLIN, Pager
+from .policy import Overflow, exposed_pages
 from .pool import Pool
-from .uffd import EVENT_PAGEFAULT, FLAG_WP, FLAG_WRITE, MSG_DTYPE, address_of
+from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
 
 log = logging.getLogger("ufcram.handler")
-POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
-
-
-def batches(pages, max_pages, max_runs):
-    """Split sorted pages into batches that fit the staging buffer and one agent command."""
-    while len(pages):
-        chunk = pages[:max_pages]
-        runs = runs_of(chunk)
-        if len(runs) > max_runs:
-            chunk = chunk[:int(runs[:max_runs, 1].sum())]
-            runs = runs[:max_runs]
-        yield chunk, runs
-        pages = pages[len(chunk):]
 
 
 class Handler:
-    def __init__(self, pool):
+    def __init__(self, pool, listener=None):
         self.pool = pool
+        self.listener = listener
         self.clients = {}      # control socket fd -> Client
-        self.by_uffd = {}      # uffd fd -> Client
+        self.by_uffd = {}      # uffd fd -> Client (forked children have no socket)
         self.poller = select.poll()
         self.msgs = np.zeros(64, MSG_DTYPE)
-        self.bounce = np.zeros(PAGE_SIZE, np.uint8)
-        self.bounce_addr = address_of(self.bounce)
-        self.zeros = np.zeros(PAGE_SIZE, np.uint8)
-        self.zeros_addr = address_of(self.zeros)
-        self.deferred = []     # faults on pages in flight to the pool, resolved after it
-        self.agent_timeout_ms = int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000)
+        self.overflow = Overflow()
+        self.pager = Pager(pool, self.overflow, self.by_uffd, self.drain_uffd,
+                           int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000))
+        self.scan_interval = config.get("UFCRAM_SCAN_INTERVAL", float)
+        self.next_scan = time.monotonic() + self.scan_interval
+        self.touched = set()   # (client, region id) that faulted since the last check
         self.requests = {P.HELLO: self.hello, P.REGISTER: self.register,
                          P.UNREGISTER: self.unregister, P.DEMOTE: self.demote_range,
-                         P.STATS: self.stats}
+                         P.STATS: self.stats, P.SET_CAPACITY: self.set_capacity}
+        if listener is not None:
+            self.poller.register(listener.fileno(), POLLIN)
 
     # --- clients -------------------------------------------------------------------
     def add_client(self, conn):
@@ -65,25 +57,80 @@ class Handler:
         self.clients[conn.fileno()] = client
         self.poller.register(conn.fileno(), POLLIN)
 
+    def watch_uffd(self, client):
+        self.by_uffd[client.uffd.fd] = client
+        self.poller.register(client.uffd.fd, POLLIN)
+
     def drop_client(self, client):
         """The client is gone or broke the protocol: release everything it held."""
-        for table in client.regions.values():
-            self.free_entries(table)
-        self.clients.pop(client.conn.fileno(), None)
-        self.poller.unregister(client.conn.fileno())
-        if client.ready:
-            self.by_uffd.pop(client.uffd.fd, None)
+        for region in client.regions.values():
+            self.pager.release(region.table, np.flatnonzero(region.table.entry != NO_ENTRY))
+        if client.conn is not None and self.clients.pop(client.conn.fileno(), None):
+            self.poller.unregister(client.conn.fileno())
+        if client.ready and self.by_uffd.pop(client.uffd.fd, None):
             self.poller.unregister(client.uffd.fd)
+        self.touched = {t for t in self.touched if t[0] is not client}
         client.close()
 
     def run(self):
         """Serve until the last client has gone."""
         while self.clients:
-            for fd, _ in self.poller.poll():
+            timeout = max(0, self.next_scan - time.monotonic()) * 1000
+            for fd, _ in self.poller.poll(timeout):
                 if fd in self.by_uffd:
-                    self.drain_faults(self.by_uffd[fd])
+                    self.drain_uffd(self.by_uffd[fd])
                 elif fd in self.clients:
                     self.serve_request(self.clients[fd])
+                elif self.listener is not None and fd == self.listener.fileno():
+                    self.add_client(self.listener.accept()[0])
+            self.after_events()
+
+    def after_events(self):
+        """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
+        touched, self.touched = self.touched, set()
+        for client, rid in touched:
+            region = client.regions.get(rid)
+            if region is not None and client.ready:
+                self.guarded(client, self.pager.enforce_limit, client, region)
+        try:
+            if self.overflow.closed:
+                self.pager.relieve_overflow()   # retried on the next turn if interrupted
+            if time.monotonic() >= self.next_scan:
+                self.scan()
+                self.next_scan = time.monotonic() + self.scan_interval
+        except (UfcramError, OSError) as e:
+            log.warning("node upkeep interrupted: %s", e)
+
+    def guarded(self, client, fn, *args):
+        try:
+            return fn(*args)
+        except (UfcramError, OSError) as e:
+            log.warning("client pid %d: %s", client.pid, e)
+        except Exception:   # a bug: lose this client, never the other clients' memory
+            log.exception("client pid %d: unexpected failure; dropping it", client.pid)
+            self.drop_client(client)
+
+    def scan(self):
+        """Reap what no event told us about: forked children that have exited, and pool
+        entries no page table refers to."""
+        for client in list(self.by_uffd.values()):
+            if client.parent is not None and not self.alive(client):
+                self.drop_client(client)
+        held = [r.table.entry for c in self.by_uffd.values() for r in c.regions.values()]
+        orphans = self.pool.orphans(np.concatenate(held) if held else np.empty(0, np.int64))
+        if len(orphans):
+            log.warning("reaping %d orphaned pool entries", len(orphans))
+            self.pool.free_many(orphans)
+
+    @staticmethod
+    def alive(client):
+        """A uffd whose process is gone answers ESRCH; probe it at an address that is
+        in none of its regions, so a live process's memory is never touched."""
+        try:
+            client.uffd.zeropage(0x10000, PAGE_SIZE, wake=False)
+        except UffdError as e:
+            return e.errno != errno.ESRCH
+        return True
 
     # --- requests ------------------------------------------------------------------
     def serve_request(self, client):
@@ -125,167 +172,83 @@ class Handler:
             self.drop_client(client)
 
     def hello(self, client, fds, staging_bytes, _reserved):
-        client.attach(fds, staging_bytes)
+        client.attach(fds, staging_bytes, WANTED)
         status, _ = client.agent.ping()
         if status < 0:
             raise HandlerError(f"agent ping failed: {os.strerror(-status)}")
-        self.by_uffd[client.uffd.fd] = client
-        self.poller.register(client.uffd.fd, POLLIN)
+        self.watch_uffd(client)
         return b""
 
-    def register(self, client, fds, start, length):
-        return P.COUNT.pack(client.add_region(start, length))
+    def register(self, client, fds, start, length, resident_limit, write_budget):
+        limit = None if resident_limit == P.NO_LIMIT else resident_limit
+        budget = "auto" if write_budget == P.AUTO_BUDGET else write_budget
+        return P.COUNT.pack(client.add_region(start, length, limit, budget))
 
     def unregister(self, client, fds, rid, restore):
-        table = client.region(rid)
-        restored = self.restore_all(client, rid, table) if restore else 0
-        self.free_entries(table)
+        region = client.region(rid)
+        restored = self.pager.promote_region(client, region) if restore else 0
+        self.pager.release(region.table, np.flatnonzero(region.table.entry != NO_ENTRY))
         client.remove_region(rid)
         return P.COUNT.pack(restored)
 
     def demote_range(self, client, fds, rid, offset, length):
-        table = client.region(rid)
-        first, last = table.page_range(offset, length)
-        pages = table.pages_in_state(NORMAL, first, last)
-        done = sum(self.demote(client, rid, table, chunk, runs)
-                   for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS))
-        return P.COUNT.pack(done)
+        region = client.region(rid)
+        first, last = region.table.page_range(offset, length)
+        present = first + np.flatnonzero(region.table.present(first, last))
+        return P.COUNT.pack(self.pager.demote(client, region, present))
+
+    def set_capacity(self, client, fds, capacity):
+        self.pool.capacity = capacity
+        self.overflow.update(self.pool.mem_used_total, capacity)
+        self.pager.demote_excess_writable()
+        return b""
 
     def stats(self, client, fds, rid):
-        if rid == P.NODE:
-            return P.json_payload({**self.pool.stats(), "clients": len(self.clients)})
-        table = client.region(rid)
-        return P.json_payload({"pages": table.npages, **table.counts(),
-                               **client.counters[rid]})
+        if rid != P.NODE:
+            return P.json_payload(client.region(rid).stats())
+        pool = self.pool.stats()
+        return P.json_payload({
+            **pool, "clients": len(self.clients), "node_closed": self.overflow.closed,
+            "overflow_events": self.overflow.events,
+            "exposed_pages": exposed_pages(self.pool.capacity, pool["pages_stored"],
+                                           pool["compr_data_size"]),
+            "writable_pages": self.pager.writable_total(),
+            "per_client": [self.client_stats(c) for c in self.by_uffd.values()]})
 
-    # --- faults --------------------------------------------------------------------
-    def drain_faults(self, client):
+    @staticmethod
+    def client_stats(client):
+        tallies = [r.stats() for r in client.regions.values()]
+        return {"pid": client.pid, "forked": client.parent is not None,
+                "regions": len(tallies),
+                **{k: sum(t[k] for t in tallies) for k in
+                   ("pages", "resident", "normal", "readonly", "writable", "demoted",
+                    "demotions", "clean_redemotions", "restores", "promotions")}}
+
+    # --- faults and events -----------------------------------------------------------
+    def drain_uffd(self, client):
         while client.ready:
             try:
                 n = client.uffd.read_msgs(self.msgs)
             except UffdError as e:
-                log.error("client pid %d: reading faults failed: %s", client.pid, e)
+                log.error("client pid %d: reading its uffd failed: %s", client.pid, e)
                 return self.drop_client(client)
-            batch = self.msgs[:n]
-            faults = batch["event"] == EVENT_PAGEFAULT
-            for flags, addr, tid in zip(batch["arg0"][faults].tolist(),
-                                        batch["arg1"][faults].tolist(),
-                                        (batch["arg2"][faults] & 0xFFFFFFFF).tolist()):
-                self.fault(client, addr & ~(PAGE_SIZE - 1), flags, tid)
+            batch = self.msgs[:n].copy()   # nested drains (await_agent) reuse self.msgs
+            for event, a0, a1, a2 in zip(batch["event"].tolist(), batch["arg0"].tolist(),
+                                         batch["arg1"].tolist(), batch["arg2"].tolist()):
+                if event == EVENT_PAGEFAULT:
+                    addr = a1 & ~(PAGE_SIZE - 1)
+                    self.pager.fault(client, addr, a0, a2 & 0xFFFFFFFF)
+                    region = client.locate(addr)
+                    if region is not None and region.limit.pages is not None:
+                        self.touched.add((client, region.id))
+                else:
+                    child = events.dispatch(self.pager, client, event, a0, a1, a2)
+                    if child is not None:
+                        self.watch_uffd(child)
             if n < len(self.msgs):
-                return
-
-    def fault(self, client, addr, flags, tid):
-        rid, table = client.locate(addr)
-        try:
-            if table is None:
-                return client.uffd.wake(addr, PAGE_SIZE)   # region gone: let it retry
-            page = table.page_of(addr)
-            state = table.state[page]
-            if state == DEMOTING:
-                if tid == client.agent.tid:
-                    # the agent copying a page the application dropped: its bytes are zeros
-                    return client.uffd.zeropage(addr, PAGE_SIZE)
-                return self.deferred.append((client, addr, flags, tid))
-            if state == DEMOTED:
-                return self.restore(client, rid, table, page)
-            if flags & FLAG_WP:
-                return client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)
-            self.zero_fill(client, rid, table, page, flags & FLAG_WRITE)
-        except UffdRetry:
-            self.deferred.append((client, addr, flags, tid))
-        except UffdError as e:
-            if e.errno not in (errno.ENOENT, errno.ESRCH):   # range or process gone
-                log.error("client pid %d: fault at %#x: %s", client.pid, addr, e)
-
-    def zero_fill(self, client, rid, table, page, write):
-        addr = table.address_of(page)
-        if write:   # a private zeroed page now spares the write its copy-on-write
-            client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE)
-        else:
-            client.uffd.zeropage(addr, PAGE_SIZE)
-        table.state[page] = NORMAL
-        client.counters[rid]["zero_fills"] += 1
-
-    def restore(self, client, rid, table, page):
-        handle = int(table.entry[page])
-        self.pool.load(handle, out=self.bounce)
-        client.uffd.copy(table.address_of(page), self.bounce_addr, PAGE_SIZE)
-        self.pool.free(handle)
-        table.entry[page] = NO_ENTRY
-        table.state[page] = NORMAL
-        client.counters[rid]["restores"] += 1
-
-    def restore_all(self, client, rid, table):
-        pages = table.pages_in_state(DEMOTED)
-        for page in pages.tolist():
-            self.restore(client, rid, table, page)
-        return len(pages)
-
-    def resolve_deferred(self):
-        pending, self.deferred = self.deferred, []
-        for client, addr, flags, tid in pending:
-            if client.ready:
-                self.fault(client, addr, flags, tid)
-
-    # --- demotion ------------------------------------------------------------------
-    def demote(self, client, rid, table, pages, runs):
-        """Demote one batch through the agent: write-protect, copy out, drop; then store
-        the copies. Pages the pool refuses go straight back: nothing is ever lost."""
-        spans = np.stack((table.base + runs[:, 0] * PAGE_SIZE, runs[:, 1] * PAGE_SIZE), 1)
-        table.state[pages] = DEMOTING
-        client.agent.send(lib.UFC_AGENT_DEMOTE, spans)
-        status, staged = self.await_agent(client)
-        staging = client.staging_pages[:len(pages)]
-        if status < 0:
-            self.put_back(client, table, pages, np.arange(len(pages)) if staged else [])
-            for addr, length in spans.tolist():
-                client.uffd.writeprotect(addr, length, protect=False)
-            self.resolve_deferred()
-            raise UffdError(-status, f"agent could not demote: {os.strerror(-status)}")
-        handles = self.pool.store_many(staging)
-        stored = handles >= 0
-        table.entry[pages[stored]] = handles[stored]
-        table.state[pages[stored]] = DEMOTED
-        refused = np.flatnonzero(~stored)
-        if len(refused):
-            self.put_back(client, table, pages, refused)
-            client.counters[rid]["refused_full"] += len(refused)
-        client.counters[rid]["demotions"] += int(stored.sum())
-        self.resolve_deferred()
-        return int(stored.sum())
-
-    def put_back(self, client, table, pages, rows):
-        """Reinstall staged copies (rows of the staging buffer) of pages as normal memory."""
-        rows = np.asarray(rows, np.int64)
-        if len(rows):
-            staging_addr = address_of(client.staging)
-            client.uffd.copy_many(table.base + pages[rows] * PAGE_SIZE,
-                                  staging_addr + rows * PAGE_SIZE)
-        table.state[pages] = NORMAL
-
-    def await_agent(self, client):
-        """The agent's reply, serving every client's faults meanwhile: the agent itself
-        may fault, and the application's other threads must never wait on a demotion."""
-        poller = select.poll()
-        poller.register(client.agent.fileno(), POLLIN)
-        for fd in self.by_uffd:
-            poller.register(fd, POLLIN)
-        while True:
-            events = poller.poll(self.agent_timeout_ms)
-            if not events:
-                raise HandlerError(f"agent of pid {client.pid} did not answer in time")
-            for fd, _ in events:
-                if fd == client.agent.fileno():
-                    return client.agent.recv()
-                if fd in self.by_uffd:
-                    self.drain_faults(self.by_uffd[fd])
-
-    def free_entries(self, table):
-        held = table.entry[table.entry != NO_ENTRY]
-        if len(held):
-            self.pool.free_many(held)
-        table.entry[:] = NO_ENTRY
+                # the queue is empty, so no event blocks the ioctls any more: retry the
+                # faults that met EAGAIN (those on pages in flight wait again)
+                return self.pager.resolve_deferred()
 
 
 def main(argv=None):
@@ -293,6 +256,8 @@ def main(argv=None):
                                      description="ufcram fault handler (one per node)")
     parser.add_argument("--fd", type=int, action="append", default=[],
                         help="an inherited, connected client socket (repeatable)")
+    parser.add_argument("--listen", metavar="PATH",
+                        help="also accept clients on this Unix socket (mode 0600)")
     parser.add_argument("--capacity", type=int, help="pool capacity in bytes")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, format="ufcram handler: %(message)s",
@@ -301,10 +266,26 @@ def main(argv=None):
     # leaves when its last client does.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     capacity = args.capacity if args.capacity is not None else config.get("UFCRAM_NODE_CAPACITY")
-    handler = Handler(Pool(capacity))
+    listener = listen(args.listen) if args.listen else None
+    handler = Handler(Pool(capacity), listener)
     for fd in args.fd:
         handler.add_client(socket.socket(fileno=fd))
-    handler.run()
+    try:
+        handler.run()
+    finally:
+        if args.listen:
+            os.unlink(args.listen)
+
+
+def listen(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old = os.umask(0o177)   # the socket is the owner's alone; SO_PEERCRED checks again
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return sock
 
 
 if __name__ == "__main__":

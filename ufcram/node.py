@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 
 from . import protocol as P
@@ -20,13 +21,17 @@ class Node:
     _default = None
     _default_lock = threading.Lock()
 
-    def __init__(self, capacity=None):
+    def __init__(self, capacity=None, path=None):
+        """Start a node: a handler process with a pool of `capacity` bytes. With `path`,
+        other processes of the same user can join it with Node.connect(path)."""
         if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
             raise HandlerError(f"node capacity must be a non-negative int, got {capacity!r}")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cmd = [sys.executable, "-m", "ufcram.handler", "--fd", str(theirs.fileno())]
         if capacity is not None:
             cmd += ["--capacity", str(capacity)]
+        if path is not None:
+            cmd += ["--listen", os.fspath(path)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env)
@@ -38,6 +43,26 @@ class Node:
             ours.close()
             self._reap()
             raise
+
+    @classmethod
+    def connect(cls, path, timeout=10.0):
+        """Join a running node that listens on `path` (started by Node(path=...))."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(os.fspath(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise HandlerError(f"no ufcram node listens on {path}") from None
+                time.sleep(0.02)
+        node = cls.__new__(cls)
+        node.process = None
+        node.regions = weakref.WeakSet()
+        node.connection = Connection(sock, lambda: f"the ufcram node at {path}")
+        return node
 
     @classmethod
     def default(cls):
@@ -53,7 +78,7 @@ class Node:
 
     @property
     def pid(self):
-        return self.process.pid
+        return None if self.process is None else self.process.pid
 
     def _describe(self):
         code = self.process.poll()
@@ -64,6 +89,15 @@ class Node:
         if self.closed:
             raise HandlerError("node is closed")
         return json.loads(self.connection.call(P.STATS, P.NODE))
+
+    def set_capacity(self, capacity):
+        """Change the node's physical capacity (bytes) while it runs, as a balloon would.
+        Below current use the node closes to new entries and promotes pages back."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise HandlerError(f"node capacity must be a non-negative int, got {capacity!r}")
+        if self.closed:
+            raise HandlerError("node is closed")
+        self.connection.call(P.SET_CAPACITY, capacity)
 
     def close(self):
         """Close every region of this node, then let the handler go."""
@@ -83,6 +117,8 @@ class Node:
             self._reap()
 
     def _reap(self):
+        if self.process is None:
+            return
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:

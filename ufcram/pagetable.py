@@ -8,11 +8,15 @@ from .errors import RegionError
 
 PAGE_SIZE = 4096
 
-UNTOUCHED = 0   # never populated: reads as zeros, costs nothing
-NORMAL = 1      # present and writable in the application's memory
-DEMOTING = 2    # write-protected and being copied out by the agent
-DEMOTED = 3     # absent from memory; its bytes live in the pool entry
-STATE_NAMES = ("untouched", "normal", "demoting", "demoted")
+UNTOUCHED = 0   # never populated (or freed): reads as zeros, costs nothing
+NORMAL = 1      # present and writable: normal memory
+DEMOTING = 2    # in flight to the node: write-protected, being copied out or dropped
+DEMOTED = 3     # absent from memory; its bytes live in the pool entry (CRAM entry)
+READONLY = 4    # mapped read-only from the node; the pool entry is kept, so a clean
+                # page can be demoted again by dropping it, without recompression
+WRITABLE = 5    # writable on the node under the write budget; its stale entry reaped
+STATE_NAMES = ("untouched", "normal", "demoting", "demoted", "readonly", "writable")
+PRESENT = np.array([False, True, True, False, True, True])   # mapped in the application
 
 NO_ENTRY = -1
 
@@ -25,6 +29,25 @@ class PageTable:
         self.npages = npages
         self.state = np.zeros(npages, np.uint8)
         self.entry = np.full(npages, NO_ENTRY, np.int64)
+        # pages per state, kept exact by set() so counts cost nothing on the fault path
+        self.tally = np.zeros(len(STATE_NAMES), np.int64)
+        self.tally[UNTOUCHED] = npages
+
+    def set(self, pages, state):
+        """Move one page, or an array of distinct pages, to state."""
+        if np.ndim(pages) == 0:
+            self.tally[self.state[pages]] -= 1
+            self.tally[state] += 1
+        else:
+            self.tally -= np.bincount(self.state[pages], minlength=len(STATE_NAMES))
+            self.tally[state] += len(pages)
+        self.state[pages] = state
+
+    def copy(self, base=None):
+        """The same pages and entries at another base address (fork, mremap)."""
+        other = PageTable(self.base if base is None else base, self.npages)
+        other.state[:], other.entry[:], other.tally[:] = self.state, self.entry, self.tally
+        return other
 
     @property
     def end(self):
@@ -53,9 +76,16 @@ class PageTable:
         last = self.npages if last is None else last
         return first + np.flatnonzero(self.state[first:last] == state)
 
+    def present(self, first=0, last=None):
+        """Mask of pages mapped in the application's memory."""
+        return PRESENT[self.state[first:last]]
+
+    @property
+    def resident(self):
+        return int(self.tally[PRESENT].sum())
+
     def counts(self):
-        hist = np.bincount(self.state, minlength=len(STATE_NAMES))
-        return {name: int(hist[i]) for i, name in enumerate(STATE_NAMES)}
+        return {name: int(self.tally[i]) for i, name in enumerate(STATE_NAMES)}
 
 
 def runs_of(pages):

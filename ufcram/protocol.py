@@ -16,22 +16,26 @@ MAX_FDS = 4
 
 # requests
 HELLO = 1        # fds: uffd, agent socket, staging memfd; payload: staging bytes, agent tid
-REGISTER = 2     # start, length -> region id
+REGISTER = 2     # start, length, resident limit, write budget -> region id
 UNREGISTER = 3   # region id, restore flag -> pages restored
 DEMOTE = 4       # region id, offset, length -> pages demoted
 STATS = 5        # region id (or NODE) -> JSON
+SET_CAPACITY = 6  # node capacity in bytes
 # replies
 OK = 100
 ERROR = 101
 
 NODE = 0xFFFFFFFF
+NO_LIMIT = (1 << 64) - 1   # REGISTER: no resident limit
+AUTO_BUDGET = -1           # REGISTER: write budget "auto"
 
 PAYLOADS = {
     HELLO: struct.Struct("<Qi"),
-    REGISTER: struct.Struct("<QQ"),
+    REGISTER: struct.Struct("<QQQq"),   # limit 2**64-1: none; budget -1: auto
     UNREGISTER: struct.Struct("<IB"),
     DEMOTE: struct.Struct("<IQQ"),
     STATS: struct.Struct("<I"),
+    SET_CAPACITY: struct.Struct("<Q"),
 }
 COUNT = struct.Struct("<Q")
 ERRNO = struct.Struct("<i")

@@ -8,10 +8,17 @@ import numbers
 import numpy as np
 
 from . import protocol as P
-from .errors import RegionClosedError, RegionError
+from .errors import HandlerError, RegionClosedError, RegionError
 from .node import Node
 from .pagetable import PAGE_SIZE, PageTable
+from .protocol import AUTO_BUDGET, NO_LIMIT
 from .uffd import address_of
+
+
+# Mappings of regions whose handler died. Unmapping them would wait forever on the
+# handler, and unregistering them would turn lost pages into silent zeros: they stay
+# mapped, and an access to a lost page blocks where it can be seen.
+_UNRELEASED = []
 
 
 def _positive_int(value, what):
@@ -20,9 +27,33 @@ def _positive_int(value, what):
     return int(value)
 
 
+def _limit(value):
+    if value is None:
+        return NO_LIMIT
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise RegionError(f"resident_limit must be a non-negative number of bytes or None, "
+                          f"got {value!r}")
+    return int(value)
+
+
+def _budget(value):
+    if value == "auto":
+        return AUTO_BUDGET
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise RegionError(f"write_budget must be a non-negative number of pages or 'auto', "
+                          f"got {value!r}")
+    return int(value)
+
+
 class Region:
-    def __init__(self, nbytes, node=None):
+    """`resident_limit` (bytes, or None): past it the node demotes the region's coldest
+    pages, like a cgroup's memory.max. `write_budget` (pages, or "auto"): how many of
+    its pages may be writable on the node before a write promotes the page instead."""
+
+    def __init__(self, nbytes, node=None, resident_limit=None, write_budget="auto"):
         nbytes = _positive_int(nbytes, "region size")
+        limit = _limit(resident_limit)
+        budget = _budget(write_budget)
         self.nbytes = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
         self.node = node if node is not None else Node.default()
         if self.node.closed:
@@ -35,7 +66,7 @@ class Region:
         conn = self.node.connection
         conn.uffd.register(self.address, self.nbytes)
         try:
-            self.id = conn.count(P.REGISTER, self.address, self.nbytes)
+            self.id = conn.count(P.REGISTER, self.address, self.nbytes, limit, budget)
         except BaseException:
             conn.uffd.unregister(self.address, self.nbytes)
             self._mm.close()
@@ -82,6 +113,13 @@ class Region:
         conn = self._conn()
         self.closed = True
         self.node.regions.discard(self)
+        # munmap of a registered range waits until the handler reads the UNMAP event:
+        # make sure it is there first, or fail loudly and leave the memory mapped
+        try:
+            conn.call(P.STATS, self.id)
+        except HandlerError:
+            _UNRELEASED.append(self._mm)   # never unmapped while this process lives
+            raise
         try:
             self._mm.close()
             restore = False

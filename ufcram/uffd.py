@@ -41,7 +41,10 @@ FEATURES = {
 }
 # Write-protect on anonymous memory is the heart of CRAM's read-only mappings.
 REQUIRED = FEATURES["WP"]
-WANTED = REQUIRED | FEATURES["THREAD_ID"]
+# THREAD_ID tells the agent's faults apart; the events let the handler reap entries of
+# freed memory, follow mremap, and serve forked children.
+WANTED = REQUIRED | FEATURES["THREAD_ID"] | FEATURES["EVENT_REMOVE"] | \
+    FEATURES["EVENT_UNMAP"] | FEATURES["EVENT_REMAP"] | FEATURES["EVENT_FORK"]
 
 PERMISSION_HINT = (
     "userfaultfd is not permitted for this user. Any one of these grants it: run as root; "

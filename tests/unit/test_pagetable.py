@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ufcram.errors import RegionError
-from ufcram.pagetable import DEMOTED, NORMAL, PAGE_SIZE, PageTable, runs_of
+from ufcram.pagetable import DEMOTED, NORMAL, PAGE_SIZE, READONLY, PageTable, runs_of
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -26,10 +26,23 @@ def test_bad_ranges(offset, length, message):
 
 def test_counts_and_state_queries():
     t = PageTable(0, 6)
-    t.state[[1, 2]] = NORMAL
-    t.state[4] = DEMOTED
-    assert t.counts() == {"untouched": 3, "normal": 2, "demoting": 0, "demoted": 1}
-    assert t.pages_in_state(NORMAL, 2, 6).tolist() == [2]
+    t.set(np.array([1, 2]), NORMAL)
+    t.set(4, DEMOTED)
+    t.set(np.array([2, 5]), READONLY)
+    assert t.counts() == {"untouched": 2, "normal": 1, "demoting": 0, "demoted": 1,
+                          "readonly": 2, "writable": 0}
+    assert t.tally.tolist() == np.bincount(t.state, minlength=6).tolist()
+    assert t.pages_in_state(READONLY, 3, 6).tolist() == [5]
+    assert t.resident == 3 and t.present().tolist() == [0, 1, 1, 0, 0, 1]
+
+
+def test_copy_moves_state_to_a_new_base():
+    t = PageTable(0x10000, 3)
+    t.set(1, DEMOTED)
+    t.entry[1] = 42
+    c = t.copy(base=0x90000)
+    assert c.base == 0x90000 and c.entry.tolist() == [-1, 42, -1]
+    assert c.counts() == t.counts()
 
 
 def test_runs_of():

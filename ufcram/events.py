@@ -1,0 +1,67 @@
+"""Non-fault uffd events: the application freed (REMOVE, UNMAP), moved (REMAP) or forked
+(FORK) managed memory. Entries of freed pages are reaped at once; moved pages keep
+their entries at the new address; a forked child becomes a client of its own.
+"""
+import numpy as np
+
+from .pagetable import DEMOTING, NO_ENTRY, PAGE_SIZE, PageTable, UNTOUCHED
+from .uffd import EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP
+
+
+def pages_within(table, start, end):
+    first = max(0, (start - table.base) // PAGE_SIZE)
+    last = min(table.npages, -(-(end - table.base) // PAGE_SIZE))
+    return np.arange(first, last)
+
+
+def on_free(pager, client, start, end, event):
+    """MADV_DONTNEED / munmap: the pages read as zeros from now on; reap their entries.
+    The agent's own drops are expected range by range; any other free of a page in
+    flight is remembered, so the demotion discards that page's copy."""
+    if event == EVENT_REMOVE and (start, end) in client.expected_removes:
+        client.expected_removes.discard((start, end))
+        return
+    for region in client.overlapping(start, end):
+        table = region.table
+        pages = pages_within(table, start, end)
+        in_flight = table.state[pages] == DEMOTING
+        region.freed_in_flight[pages[in_flight]] = True
+        pages = pages[~in_flight]
+        region.counters["reaped"] += pager.release(table, pages)
+        table.set(pages, UNTOUCHED)
+
+
+def on_remap(client, old, new, length):
+    """mremap moved [old, old + length) to new: the page table follows the pages."""
+    for region in client.overlapping(old, old + length):
+        table = region.table
+        pages = pages_within(table, old, old + length)
+        if len(pages) == table.npages:
+            client.relocate(region.id, table.copy(base=new + table.base - old))
+            continue
+        moved = PageTable(new + table.address_of(pages[0]) - old, len(pages))
+        moved.state[:], moved.entry[:] = table.state[pages], table.entry[pages]
+        moved.tally[:] = np.bincount(moved.state, minlength=len(moved.tally))
+        table.entry[pages] = NO_ENTRY          # the entries now belong to the moved part
+        table.set(pages, UNTOUCHED)
+        client.adopt(moved, region)
+
+
+def on_fork(pager, client, uffd_fd):
+    """The child's memory is a copy of the parent's: it shares the parent's entries."""
+    child = client.fork(uffd_fd)
+    for region in child.regions.values():
+        held = region.table.entry[region.table.entry != NO_ENTRY]
+        pager.share(held)
+    return child
+
+
+def dispatch(pager, client, event, arg0, arg1, arg2):
+    """Handle one event message; returns a new client for a fork, else None."""
+    if event in (EVENT_REMOVE, EVENT_UNMAP):
+        on_free(pager, client, arg0, arg1, event)
+    elif event == EVENT_REMAP:
+        on_remap(client, arg0, arg1, arg2)
+    elif event == EVENT_FORK:
+        return on_fork(pager, client, arg0 & 0xFFFFFFFF)
+    return None

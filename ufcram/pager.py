@@ -1,0 +1,345 @@
+"""The pager: moves pages between states on faults and on policy decisions, through the
+application's uffd and agent. It is the CRAM state machine of DESIGN.md, one method a
+transition; it runs in the handler's single thread.
+"""
+import errno
+import logging
+import os
+import select
+
+import numpy as np
+
+from ._shim import lib
+from .agent import MAX_RUNS
+from .errors import HandlerError, UffdError, UffdRetry
+from .pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY,
+                        UNTOUCHED, WRITABLE, runs_of)
+from .policy import TAIL_PERCENTILE
+from .uffd import FLAG_WP, FLAG_WRITE, address_of
+
+log = logging.getLogger("ufcram.handler")
+POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+DROP_BATCH = 4096   # pages per clean re-demotion command (no staging needed)
+
+
+def batches(pages, max_pages, max_runs):
+    """Split sorted pages into batches of at most max_pages pages and max_runs runs."""
+    while len(pages):
+        chunk = pages[:max_pages]
+        runs = runs_of(chunk)
+        if len(runs) > max_runs:
+            chunk = chunk[:int(runs[:max_runs, 1].sum())]
+            runs = runs[:max_runs]
+        yield chunk, runs
+        pages = pages[len(chunk):]
+
+
+class Pager:
+    def __init__(self, pool, overflow, clients, serve_uffd, agent_timeout_ms):
+        self.pool = pool
+        self.overflow = overflow
+        self.clients = clients          # uffd fd -> Client, shared with the handler
+        self.serve_uffd = serve_uffd    # reads and dispatches one uffd's messages
+        self.agent_timeout_ms = agent_timeout_ms
+        self.bounce = np.zeros(PAGE_SIZE, np.uint8)
+        self.bounce_addr = address_of(self.bounce)
+        self.zeros = np.zeros(PAGE_SIZE, np.uint8)
+        self.zeros_addr = address_of(self.zeros)
+        self.deferred = []              # faults on pages in flight, resolved after it
+        self.extra_owners = np.zeros(0, np.int32)   # per pool handle, beyond the first
+
+    # --- faults --------------------------------------------------------------------
+    def fault(self, client, addr, flags, tid):
+        region = client.locate(addr)
+        try:
+            if region is None:
+                # registered but in no region (e.g. grown in place by mremap): it can
+                # only be the client's own untouched memory
+                return self.zero_fill_unmanaged(client, addr, flags & FLAG_WRITE)
+            table = region.table
+            page = table.page_of(addr)
+            state = table.state[page]
+            if state == DEMOTING:
+                if tid == client.agent_tid:
+                    # the agent copying a page the application freed: zeros. Protected,
+                    # so that a write landing before the agent's drop faults and waits
+                    # for the batch instead of being dropped with the page.
+                    return client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE, wp=True)
+                return self.deferred.append((client, addr, flags, tid))
+            region.clock.touch(page)
+            write = bool(flags & (FLAG_WRITE | FLAG_WP))
+            if table.entry[page] != NO_ENTRY and not (flags & FLAG_WP and state == READONLY):
+                return self.restore(client, region, page, write)
+            if flags & FLAG_WP:
+                if state == READONLY:
+                    return self.upgrade(client, region, page)
+                return client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)   # stale
+            self.zero_fill(client, region, page, flags & FLAG_WRITE)
+        except UffdRetry:
+            self.deferred.append((client, addr, flags, tid))
+        except UffdError as e:
+            if e.errno not in (errno.ENOENT, errno.ESRCH):   # range or process gone
+                log.error("client pid %d: fault at %#x: %s", client.pid, addr, e)
+
+    def zero_fill(self, client, region, page, write):
+        """First touch (or a page the application dropped): zeros, normal memory."""
+        addr = region.table.address_of(page)
+        if write:   # a private zeroed page now spares the write its copy-on-write
+            client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE)
+        else:
+            client.uffd.zeropage(addr, PAGE_SIZE)
+        region.table.set(page, NORMAL)
+        region.counters["zero_fills"] += 1
+
+    def zero_fill_unmanaged(self, client, addr, write):
+        if write:
+            client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE)
+        else:
+            client.uffd.zeropage(addr, PAGE_SIZE)
+
+    def restore(self, client, region, page, write):
+        """A fault on a page held by the node. A read maps the node's copy read-only and
+        keeps the entry; a write gets a writable page, on the node within the write
+        budget, else promoted to normal memory."""
+        table = region.table
+        self.pool.load(int(table.entry[page]), out=self.bounce)
+        client.uffd.copy(table.address_of(page), self.bounce_addr, PAGE_SIZE, wp=not write)
+        region.counters["restores"] += 1
+        if write:
+            self.release(table, page)
+            self.writable_or_promoted(client, region, page)
+        else:
+            table.set(page, READONLY)
+
+    def upgrade(self, client, region, page):
+        """A write to a read-only page: its node copy becomes stale and is reaped."""
+        self.release(region.table, page)
+        self.writable_or_promoted(client, region, page)
+        client.uffd.writeprotect(region.table.address_of(page), PAGE_SIZE, protect=False)
+
+    def writable_or_promoted(self, client, region, page):
+        if self.grant_write(client, region):
+            region.table.set(page, WRITABLE)
+        else:
+            region.table.set(page, NORMAL)
+            region.counters["promotions"] += 1
+            region.counters["budget_refusals"] += 1
+
+    def grant_write(self, client, region):
+        """CRAM's `if writable < write_budget`; never while the node is closed, never for
+        a forked child (it has no agent to demote its pages again)."""
+        if self.overflow.closed or client.parent is not None:
+            return False
+        in_use, allowed = self.budget_use(region)
+        return in_use < allowed
+
+    def budget_use(self, region):
+        """(pages writable, pages allowed) under region's budget; an auto budget is
+        node-wide and sized from the pool's free capacity and its ratio tail."""
+        if region.budget.spec != "auto":
+            return int(region.table.tally[WRITABLE]), region.budget.spec
+        allowed = region.budget.allowance(self.pool.capacity, self.pool.mem_used_total,
+                                          self.pool.ratio_percentile(TAIL_PERCENTILE))
+        return self.writable_total(auto_only=True), allowed
+
+    def writable_total(self, auto_only=False):
+        return sum(int(r.table.tally[WRITABLE]) for c in self.clients.values()
+                   for r in c.regions.values() if not auto_only or r.budget.spec == "auto")
+
+    def share(self, handles):
+        """One more owner for each entry (a forked child holds its parent's entries)."""
+        if len(handles) == 0:
+            return
+        top = int(handles.max()) + 1
+        if top > len(self.extra_owners):
+            grown = np.zeros(max(top, 2 * len(self.extra_owners)), np.int32)
+            grown[:len(self.extra_owners)] = self.extra_owners
+            self.extra_owners = grown
+        np.add.at(self.extra_owners, handles, 1)
+
+    def release(self, table, pages):
+        """Drop pages' hold on their pool entries; an entry is freed with its last owner."""
+        pages = np.atleast_1d(pages)
+        held = table.entry[pages]
+        held = held[held != NO_ENTRY]
+        table.entry[pages] = NO_ENTRY
+        if len(held):
+            shared = held < len(self.extra_owners)
+            shared[shared] = self.extra_owners[held[shared]] > 0
+            np.subtract.at(self.extra_owners, held[shared], 1)
+            self.pool.free_many(held[~shared])
+        return len(held)
+
+    def resolve_deferred(self):
+        pending, self.deferred = self.deferred, []
+        for client, addr, flags, tid in pending:
+            if client.ready:
+                self.fault(client, addr, flags, tid)
+
+    # --- demotion ------------------------------------------------------------------
+    def demote(self, client, region, pages):
+        """Demote the present pages among `pages` (sorted). Clean read-only pages are
+        only dropped: their entry is still in the pool. Dirty pages are copied out and
+        compressed, unless the node is closed to new entries."""
+        states = region.table.state[pages]
+        clean = pages[states == READONLY]
+        dirty = pages[(states == NORMAL) | (states == WRITABLE)]
+        done = sum(self.drop_clean(client, region, chunk, runs)
+                   for chunk, runs in batches(clean, DROP_BATCH, MAX_RUNS))
+        if len(dirty) and self.overflow.closed:
+            region.counters["refused_closed"] += len(dirty)
+            return done
+        return done + sum(self.demote_dirty(client, region, chunk, runs)
+                          for chunk, runs in batches(dirty, len(client.staging_pages), MAX_RUNS))
+
+    def spans(self, table, runs):
+        return np.stack((table.base + runs[:, 0] * PAGE_SIZE, runs[:, 1] * PAGE_SIZE), 1)
+
+    def command_agent(self, client, op, spans):
+        """Send one batch to the agent and wait for its reply; its drops will raise
+        REMOVE events for exactly these spans."""
+        client.expected_removes = {(a, a + n) for a, n in spans.tolist()}
+        client.agent.send(op, spans)
+        try:
+            return self.await_agent(client)
+        finally:
+            client.expected_removes = set()
+
+    def settle_freed(self, region, pages):
+        """Pages the application freed while in flight: zeros from now on. Returns the
+        mask of them within pages."""
+        freed = region.freed_in_flight[pages]
+        if freed.any():
+            region.counters["reaped"] += self.release(region.table, pages[freed])
+            region.table.set(pages[freed], UNTOUCHED)
+            region.freed_in_flight[pages] = False
+        return freed
+
+    def drop_clean(self, client, region, pages, runs):
+        table = region.table
+        table.set(pages, DEMOTING)
+        status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
+        freed = self.settle_freed(region, pages)
+        # A page the drop missed is still mapped read-only; one it dropped faults back
+        # from its entry. Both are right with the entry kept, so a failure loses nothing.
+        table.set(pages[~freed], DEMOTED if status >= 0 else READONLY)
+        self.resolve_deferred()
+        if status < 0:
+            raise UffdError(-status, f"agent could not drop pages: {os.strerror(-status)}")
+        region.counters["clean_redemotions"] += int((~freed).sum())
+        return int((~freed).sum())
+
+    def demote_dirty(self, client, region, pages, runs):
+        """Write-protect, copy out, drop (the agent); then store the copies. Pages the pool
+        refuses go straight back in their previous state: nothing is ever lost."""
+        table = region.table
+        before = table.state[pages].copy()
+        spans = self.spans(table, runs)
+        table.set(pages, DEMOTING)
+        status, staged = self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
+        freed = self.settle_freed(region, pages)
+        if status < 0:
+            rows = np.flatnonzero(~freed) if staged else []
+            self.put_back(client, table, pages, before, rows, keep=~freed)
+            for addr, length in spans.tolist():
+                client.uffd.writeprotect(addr, length, protect=False)
+            self.resolve_deferred()
+            raise UffdError(-status, f"agent could not demote: {os.strerror(-status)}")
+        handles = np.full(len(pages), -1, np.int64)
+        handles[~freed] = self.pool.store_many(client.staging_pages[:len(pages)][~freed])
+        stored = handles >= 0
+        table.entry[pages[stored]] = handles[stored]
+        table.set(pages[stored], DEMOTED)
+        refused = np.flatnonzero(~stored & ~freed)
+        if len(refused):
+            self.put_back(client, table, pages, before, refused, keep=~stored & ~freed)
+            region.counters["refused_full"] += len(refused)
+        self.overflow.update(self.pool.mem_used_total, self.pool.capacity, bool(len(refused)))
+        region.counters["demotions"] += int(stored.sum())
+        self.resolve_deferred()
+        return int(stored.sum())
+
+    def put_back(self, client, table, pages, before, rows, keep):
+        """Reinstall staged copies (rows of the staging buffer) of pages; the pages of
+        the batch selected by `keep` return to their state before the demotion."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows):
+            client.uffd.copy_many(table.base + pages[rows] * PAGE_SIZE,
+                                  client.staging_addr + rows * PAGE_SIZE)
+        for state in np.unique(before[keep]):
+            table.set(pages[keep & (before == state)], state)
+
+    def await_agent(self, client):
+        """The agent's reply, serving every client's faults meanwhile: the agent itself
+        may fault, its drop waits until we read the REMOVE event it causes, and the
+        application's other threads must never wait on a demotion."""
+        poller = select.poll()
+        poller.register(client.agent.fileno(), POLLIN)
+        for fd in self.clients:
+            poller.register(fd, POLLIN)
+        while True:
+            events = poller.poll(self.agent_timeout_ms)
+            if not events:
+                raise HandlerError(f"agent of pid {client.pid} did not answer in time")
+            for fd, _ in events:
+                if fd == client.agent.fileno():
+                    return client.agent.recv()
+                if fd in self.clients:
+                    self.serve_uffd(self.clients[fd])
+
+    # --- limits and overflow -------------------------------------------------------
+    def enforce_limit(self, client, region):
+        """Past the region's resident limit, demote its coldest pages."""
+        excess = region.limit.excess(region.table.resident - region.table.tally[DEMOTING])
+        if excess <= 0 or client.agent is None:
+            return 0
+        candidates = region.table.present()
+        candidates &= region.table.state != DEMOTING
+        return self.demote(client, region, np.sort(region.clock.coldest(candidates, excess)))
+
+    def relieve_overflow(self):
+        """While the node is closed: promote pages back to normal memory until the pool
+        is under its low watermark. Read-only pages first (their copy is already mapped:
+        freeing the entry is enough), then demoted ones (restored)."""
+        for state in (READONLY, DEMOTED):
+            for client in list(self.clients.values()):
+                for region in client.regions.values():
+                    if not self.overflow.closed:
+                        return
+                    self.promote_all(client, region, state)
+                    self.pool.compact()
+                    self.overflow.update(self.pool.mem_used_total, self.pool.capacity)
+        self.demote_excess_writable()
+
+    def promote_region(self, client, region):
+        """Every page the node holds for region back to normal memory; returns how many."""
+        count = 0
+        for state in (READONLY, DEMOTED):
+            count += self.promote_all(client, region, state)
+        return count
+
+    def promote_all(self, client, region, state):
+        table = region.table
+        pages = table.pages_in_state(state)
+        for page in pages.tolist():
+            addr = table.address_of(page)
+            if state == DEMOTED:
+                self.pool.load(int(table.entry[page]), out=self.bounce)
+                client.uffd.copy(addr, self.bounce_addr, PAGE_SIZE)
+            else:
+                client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)
+            self.release(table, page)
+            table.set(page, NORMAL)
+        region.counters["promotions"] += len(pages)
+        return len(pages)
+
+    def demote_excess_writable(self):
+        """When a budget shrinks (capacity or ratios changed), pages writable on the node
+        beyond it become normal memory: a promotion in place, nothing moves."""
+        for client in self.clients.values():
+            for region in client.regions.values():
+                in_use, allowed = self.budget_use(region)
+                excess = min(in_use - allowed, int(region.table.tally[WRITABLE]))
+                if excess > 0:
+                    region.table.set(region.table.pages_in_state(WRITABLE)[:excess], NORMAL)
+                    region.counters["promotions"] += excess
