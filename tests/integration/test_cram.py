@@ -317,3 +317,40 @@ def test_two_clients_on_one_node_cannot_reach_each_other(tmp_path):
         del views, v
         for r in mine:
             r.close()
+
+
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p]
+
+
+def move_pages(old, length):
+    """mremap [old, old + length) to a fresh address; returns the new address."""
+    spot = libc.mmap(None, length, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    new = libc.mremap(ctypes.c_void_p(old), length, length,
+                      MREMAP_MAYMOVE | MREMAP_FIXED, ctypes.c_void_p(spot))
+    assert new == spot, f"mremap failed: errno {ctypes.get_errno()}"
+    return new
+
+
+@pytest.mark.parametrize("moved_pages", [8, 4])
+def test_mremap_moves_demoted_pages_with_their_entries(node, moved_pages):
+    """The whole region, or its second half, moves; its demoted pages come back at
+    the new address, and what stayed keeps its bytes."""
+    data = text_pages(8, seed=30)
+    r, a = filled(node, data)
+    r.demote()
+    stored = node.stats()["pages_stored"]
+    start = r.address + (8 - moved_pages) * PAGE_SIZE
+    new = move_pages(start, moved_pages * PAGE_SIZE)
+    moved = np.frombuffer(ctypes.string_at(new, moved_pages * PAGE_SIZE), np.uint8)
+    assert np.array_equal(moved.reshape(moved_pages, PAGE_SIZE), data[8 - moved_pages:])
+    assert np.array_equal(a[:8 - moved_pages], data[:8 - moved_pages])
+    assert node.stats()["pages_stored"] == stored   # nothing reaped, nothing leaked
+    del a
+    r.close()
+    libc.munmap(ctypes.c_void_p(new), moved_pages * PAGE_SIZE)
