@@ -34,7 +34,7 @@ def _capacity(value):
 class Pool:
     """Compressed pages under a physical byte limit. Single-owner: see transfer_owner().
 
-    A handle indexes per-entry numpy arrays: ``_loc`` (int64: arena << 32 | byte offset, or
+    A handle indexes per-entry numpy arrays: ``_location`` (int64: arena << 32 | byte offset, or
     the fill word of a same-filled page) and ``_size`` (int16: -1 free, 0 same-filled, 4096
     stored raw, else the lz4 size). Free handles sit on an int32 stack, freed slots on an
     int64 stack per class. An arena holds the slots of one class; a class takes freed slots
@@ -57,25 +57,27 @@ class Pool:
         if not isinstance(huge_threshold, int) or not 0 < huge_threshold <= PAGE_SIZE:
             raise PoolError(f"huge_threshold must be an int in 1..{PAGE_SIZE}")
         self._owner = threading.get_ident()
-        self._cap = _capacity(capacity)
-        self._arena_size, self._thr = arena_size, min(huge_threshold, PAGE_SIZE - 1)
-        self._huge = -(-huge_threshold // CLASS_STEP)      # class of raw pages, the last one
-        self._cslot = [min((c + 1) * CLASS_STEP, PAGE_SIZE) for c in range(self._huge)] + [
-            PAGE_SIZE]
-        self._cnslots = [arena_size // s for s in self._cslot]
-        self._cls_of = [0] + [(n - 1) // CLASS_STEP for n in range(1, PAGE_SIZE)] + [self._huge]
-        ncls = len(self._cslot)
-        self._ftop, self._cur = [0] * ncls, [-1] * ncls
-        self._chwm = list(self._cnslots)      # slots bumped in the current arena; full if none
+        self._capacity_bytes = _capacity(capacity)
+        self._arena_size, self._huge_threshold = arena_size, min(huge_threshold, PAGE_SIZE - 1)
+        self._huge_class = -(-huge_threshold // CLASS_STEP)   # raw pages: the last class
+        self._slot_size = [min((c + 1) * CLASS_STEP, PAGE_SIZE)
+                           for c in range(self._huge_class)] + [PAGE_SIZE]
+        self._slots_per_arena = [arena_size // s for s in self._slot_size]
+        self._class_of = [0] + [(n - 1) // CLASS_STEP for n in range(1, PAGE_SIZE)] + \
+            [self._huge_class]
+        ncls = len(self._slot_size)
+        self._free_top, self._current_arena = [0] * ncls, [-1] * ncls
+        self._bumped = list(self._slots_per_arena)   # slots used in the current arena
         self._meta = 0
-        self._stacks = [np.empty(0, np.int64) for _ in range(ncls)]
-        self._acls = np.empty(0, np.int64)    # per arena: class, -1 once released
-        self._mv, self._mm, self._spare = [], [], []   # per arena: a view of it, its mmap
-        self._loc, self._size = np.empty(0, np.int64), np.empty(0, np.int16)
-        self._hfree = np.empty(0, np.int32)
-        self._nh = self._nfree = 0            # handles issued, handles on the free stack
-        self._hist = np.zeros(PAGE_SIZE + 1, np.int64)
-        self._meta += self._hist.nbytes
+        self._free_slots = [np.empty(0, np.int64) for _ in range(ncls)]
+        self._arena_class = np.empty(0, np.int64)    # per arena: class, -1 once released
+        # per arena: a memoryview of it and its mmap; released arenas' numbers to reuse
+        self._arena_view, self._arena_map, self._spare = [], [], []
+        self._location, self._size = np.empty(0, np.int64), np.empty(0, np.int16)
+        self._free_handles = np.empty(0, np.int32)
+        self._handles_issued = self._handles_free = 0
+        self._size_histogram = np.zeros(PAGE_SIZE + 1, np.int64)
+        self._meta += self._size_histogram.nbytes
         self._arena_bytes = self._peak = self._compacted = 0
 
     # --- ownership, validation, metadata arrays ---
@@ -99,7 +101,7 @@ class Pool:
     def _handle(self, handle):
         if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)):
             raise PoolError(f"handle must be an int, got {handle!r}")
-        if not 0 <= handle < self._nh or self._size[handle] < 0:
+        if not 0 <= handle < self._handles_issued or self._size[handle] < 0:
             raise PoolError(f"unknown or freed handle {handle}")
         return int(handle)
 
@@ -109,8 +111,9 @@ class Pool:
         if h.ndim != 1 or (h.size and h.dtype.kind not in "iu"):
             raise PoolError("handles must be a 1-D array of ints")
         h = h.astype(np.int64, copy=False)
-        if h.size and (h.min() < 0 or h.max() >= self._nh):
-            raise PoolError(f"unknown handle {h[(h < 0) | (h >= self._nh)][0]}; nothing done")
+        if h.size and (h.min() < 0 or h.max() >= self._handles_issued):
+            bad = h[(h < 0) | (h >= self._handles_issued)][0]
+            raise PoolError(f"unknown handle {bad}; nothing done")
         sizes = self._size[h]
         if h.size and sizes.min() < 0:
             raise PoolError(f"freed handle {h[sizes < 0][0]}; nothing done")
@@ -140,47 +143,47 @@ class Pool:
     def _new_arena(self, c):
         mm = mmap.mmap(-1, self._arena_size, flags=mmap.MAP_PRIVATE)
         mm.madvise(mmap.MADV_NOHUGEPAGE)   # a huge page would commit 2 MiB on first touch
-        a = self._spare.pop() if self._spare else len(self._mv)
-        if a == len(self._mv):
-            self._mv.append(None)
-            self._mm.append(None)
-            if a == len(self._acls):
-                self._acls = self._resize(self._acls, max(16, a * 3 // 2))
+        a = self._spare.pop() if self._spare else len(self._arena_view)
+        if a == len(self._arena_view):
+            self._arena_view.append(None)
+            self._arena_map.append(None)
+            if a == len(self._arena_class):
+                self._arena_class = self._resize(self._arena_class, max(16, a * 3 // 2))
         # the arena is a numpy array; slicing its memoryview is the cheapest per-page access
-        self._mv[a], self._mm[a] = memoryview(np.frombuffer(mm, np.uint8)), mm
-        self._acls[a] = c
-        self._cur[c], self._chwm[c] = a, 0
+        self._arena_view[a], self._arena_map[a] = memoryview(np.frombuffer(mm, np.uint8)), mm
+        self._arena_class[a] = c
+        self._current_arena[c], self._bumped[c] = a, 0
 
     def _release(self, a):
         """Unmap arena a: its memory goes back to the OS now."""
-        c = int(self._acls[a])
-        bumped = self._chwm[c] if self._cur[c] == a else self._cnslots[c]
-        self._arena_bytes -= _pg(bumped * self._cslot[c])
-        self._mv[a].release()              # drops the numpy array, then the mapping goes
-        self._mm[a].close()
-        self._mv[a] = self._mm[a] = None
-        self._acls[a] = -1
-        if self._cur[c] == a:
-            self._cur[c], self._chwm[c] = -1, self._cnslots[c]
+        c = int(self._arena_class[a])
+        bumped = self._bumped[c] if self._current_arena[c] == a else self._slots_per_arena[c]
+        self._arena_bytes -= _pg(bumped * self._slot_size[c])
+        self._arena_view[a].release()              # drops the numpy array, then the mapping goes
+        self._arena_map[a].close()
+        self._arena_view[a] = self._arena_map[a] = None
+        self._arena_class[a] = -1
+        if self._current_arena[c] == a:
+            self._current_arena[c], self._bumped[c] = -1, self._slots_per_arena[c]
         self._spare.append(a)
 
     def _slot(self, c, limit=True):
         """Location of a free slot of class c, or -1 if it needs memory beyond capacity."""
-        top = self._ftop[c]
+        top = self._free_top[c]
         if top:
-            self._ftop[c] = top - 1
-            return self._stacks[c].item(top - 1)
-        s, h = self._cslot[c], self._chwm[c]
-        full = h == self._cnslots[c]
+            self._free_top[c] = top - 1
+            return self._free_slots[c].item(top - 1)
+        s, h = self._slot_size[c], self._bumped[c]
+        full = h == self._slots_per_arena[c]
         need = _pg(s) if full else _pg((h + 1) * s) - _pg(h * s)
-        if limit and need and self._arena_bytes + need > self._cap:
+        if limit and need and self._arena_bytes + need > self._capacity_bytes:
             return -1
         if full:
             self._new_arena(c)
             h = 0
-        self._chwm[c] = h + 1
+        self._bumped[c] = h + 1
         self._arena_bytes += need
-        return (self._cur[c] << 32) | (h * s)
+        return (self._current_arena[c] << 32) | (h * s)
 
     # --- store ---
     def store(self, page):
@@ -191,7 +194,8 @@ class Pool:
         lo, sz, refused = self._place(mv, [raw[8:] == raw[:-8]], [int.from_bytes(
             raw[:8], sys.byteorder, signed=True)])
         if refused:
-            raise PoolFullError(f"pool full: {self._arena_bytes} of {self._cap} arena bytes "
+            raise PoolFullError(f"pool full: {self._arena_bytes} of {self._capacity_bytes} "
+                                f"arena bytes "
                                 f"used; this page needs a new 4 KiB page of arena memory")
         return int(self._record(lo, sz)[0])
 
@@ -223,8 +227,9 @@ class Pool:
         """Write pages (flat holds them back to back) into slots, in order: per page its
         location (the fill word if same-filled), stored size (-1: did not fit), and
         whether any page was refused."""
-        P, thr, cls_of, off_mask = PAGE_SIZE, self._thr, self._cls_of, _OFF
-        ftop, stacks, slot, mvs, lo, sz = self._ftop, self._stacks, self._slot, self._mv, [], []
+        P, thr, cls_of, off_mask = PAGE_SIZE, self._huge_threshold, self._class_of, _OFF
+        ftop, stacks, slot, mvs = self._free_top, self._free_slots, self._slot, self._arena_view
+        lo, sz = [], []
         add_lo, add_sz, refused = lo.append, sz.append, False
         for at, is_same, word in zip(range(0, len(flat), P), same, first_words):
             if is_same:            # zram's same_pages: the word is the whole entry
@@ -254,22 +259,24 @@ class Pool:
 
     def _record(self, lo, sz):
         """Handles for entries already written, given their locations and sizes."""
-        k, nf = len(lo), self._nfree
+        k, nf = len(lo), self._handles_free
         if k <= nf:
-            h = self._hfree[nf - k:nf].astype(np.int64)
-            self._nfree -= k
+            h = self._free_handles[nf - k:nf].astype(np.int64)
+            self._handles_free -= k
         else:
-            h = np.concatenate((self._hfree[:nf], np.arange(self._nh, self._nh + k - nf)),
+            fresh = np.arange(self._handles_issued, self._handles_issued + k - nf)
+            h = np.concatenate((self._free_handles[:nf], fresh),
                                dtype=np.int64)
-            self._nh += k - nf
-            self._nfree = 0
-        if self._nh > len(self._loc):
-            cap = max(self._nh, len(self._loc) * 3 // 2, 1024)
-            self._loc, self._size = self._resize(self._loc, cap), self._resize(self._size, cap)
-            self._hfree = self._resize(self._hfree, cap)
+            self._handles_issued += k - nf
+            self._handles_free = 0
+        if self._handles_issued > len(self._location):
+            cap = max(self._handles_issued, len(self._location) * 3 // 2, 1024)
+            self._location = self._resize(self._location, cap)
+            self._size = self._resize(self._size, cap)
+            self._free_handles = self._resize(self._free_handles, cap)
         sizes = np.fromiter(sz, np.int64, k)
-        self._loc[h], self._size[h] = lo, sizes
-        np.add.at(self._hist, sizes, 1)
+        self._location[h], self._size[h] = lo, sizes
+        np.add.at(self._size_histogram, sizes, 1)
         self._peak = max(self._peak, self._arena_bytes + self._meta)
         return h
 
@@ -280,12 +287,12 @@ class Pool:
         self._own()
         h = self._handle(handle)
         dst = None if out is None else self._page(out, writable=True)
-        n, loc = int(self._size[h]), int(self._loc[h])
+        n, loc = int(self._size[h]), int(self._location[h])
         if n == 0:
             data = loc.to_bytes(8, sys.byteorder, signed=True) * (PAGE_SIZE // 8)
         else:
             o = loc & _OFF
-            data = self._mv[loc >> 32][o:o + n]
+            data = self._arena_view[loc >> 32][o:o + n]
             if n < PAGE_SIZE:
                 data = _decompress(data, PAGE_SIZE)
         if dst is None:
@@ -301,9 +308,9 @@ class Pool:
         out = self._rows(out, writable=True)
         if len(out) != len(h):
             raise PoolError(f"out has {len(out)} rows for {len(h)} handles")
-        flat, mvs, P, bo, off_mask = memoryview(out.reshape(-1)), self._mv, PAGE_SIZE, \
+        flat, mvs, P, bo, off_mask = memoryview(out.reshape(-1)), self._arena_view, PAGE_SIZE, \
             sys.byteorder, _OFF
-        for at, n, loc in zip(range(0, len(flat), P), sizes.tolist(), self._loc[h].tolist()):
+        for at, n, loc in zip(range(0, len(flat), P), sizes.tolist(), self._location[h].tolist()):
             if n == 0:
                 flat[at:at + P] = loc.to_bytes(8, bo, signed=True) * (P // 8)
                 continue
@@ -319,10 +326,10 @@ class Pool:
         h = self._handle(handle)
         n = int(self._size[h])
         if n:
-            self._push(self._cls_of[n], int(self._loc[h]))
+            self._push(self._class_of[n], int(self._location[h]))
         self._size[h] = -1
-        self._hfree[self._nfree] = h
-        self._nfree += 1
+        self._free_handles[self._handles_free] = h
+        self._handles_free += 1
 
     def free_many(self, handles):
         """Drop entries; all handles are checked (known, live, not repeated) before any."""
@@ -330,36 +337,36 @@ class Pool:
         h, sizes = self._handles(handles)
         if len(set(h.tolist())) != len(h):
             raise PoolError("a handle is repeated in free_many (double free); nothing done")
-        cls_of, push = self._cls_of, self._push
-        for n, loc in zip(sizes.tolist(), self._loc[h].tolist()):
+        cls_of, push = self._class_of, self._push
+        for n, loc in zip(sizes.tolist(), self._location[h].tolist()):
             if n:
                 push(cls_of[n], loc)
         self._size[h] = -1
-        self._hfree[self._nfree:self._nfree + len(h)] = h
-        self._nfree += len(h)
+        self._free_handles[self._handles_free:self._handles_free + len(h)] = h
+        self._handles_free += len(h)
 
     def _push(self, c, loc):
         """Put a freed slot on its class's stack."""
-        top = self._ftop[c]
-        if top == len(self._stacks[c]):
-            self._stacks[c] = self._resize(self._stacks[c], max(64, top * 3 // 2))
+        top = self._free_top[c]
+        if top == len(self._free_slots[c]):
+            self._free_slots[c] = self._resize(self._free_slots[c], max(64, top * 3 // 2))
             self._peak = max(self._peak, self._arena_bytes + self._meta)
-        self._stacks[c][top] = loc
-        self._ftop[c] = top + 1
+        self._free_slots[c][top] = loc
+        self._free_top[c] = top + 1
 
     def compact(self):
         """Move entries out of the sparsest arenas into free slots of their class and unmap
         the emptied arenas (the node's TRIM). Handles stay valid. Returns bytes released."""
         self._own()
         before = self._arena_bytes
-        live = np.flatnonzero(self._size[:self._nh] > 0)
-        arenas = self._loc[live] >> 32
-        alive = np.bincount(arenas, minlength=len(self._acls))
-        plans = [(c, v) for c in range(len(self._cslot)) if len(v := self._victims(c, alive))]
+        live = np.flatnonzero(self._size[:self._handles_issued] > 0)
+        arenas = self._location[live] >> 32
+        alive = np.bincount(arenas, minlength=len(self._arena_class))
+        plans = [(c, v) for c in range(len(self._slot_size)) if len(v := self._victims(c, alive))]
         if not plans:
             return 0
         moving = np.isin(arenas, np.concatenate([v for _, v in plans]))
-        hs, hcls = live[moving], self._acls[arenas[moving]]
+        hs, hcls = live[moving], self._arena_class[arenas[moving]]
         for c, victims in plans:
             self._evacuate(c, victims, hs[hcls == c])
             for a in victims.tolist():
@@ -368,29 +375,29 @@ class Pool:
 
     def _victims(self, c, alive):
         """Sparsest arenas of class c whose entries fit in the free slots of the others."""
-        ids = np.flatnonzero(self._acls == c)
+        ids = np.flatnonzero(self._arena_class == c)
         ids = ids[np.argsort(alive[ids], kind="stable")]
         live = alive[ids]
         moved = np.concatenate(([0], np.cumsum(live)))
-        room = np.concatenate((np.cumsum((self._cnslots[c] - live)[::-1])[::-1], [0]))
+        room = np.concatenate((np.cumsum((self._slots_per_arena[c] - live)[::-1])[::-1], [0]))
         return ids[:np.count_nonzero(moved <= room) - 1]
 
     def _evacuate(self, c, victims, hs):
-        stack = self._stacks[c][:self._ftop[c]]
+        stack = self._free_slots[c][:self._free_top[c]]
         dst = stack[~np.isin(stack >> 32, victims)]
         m = len(hs)
-        self._ftop[c] = 0          # so that _slot() below bumps instead of popping
+        self._free_top[c] = 0          # so that _slot() below bumps instead of popping
         # the victims were chosen so that this bumps only into a kept current arena
         extra = [self._slot(c, limit=False) for _ in range(m - len(dst))]
         dst, keep = np.concatenate((dst, np.array(extra, np.int64))), dst[m:]
-        self._stacks[c] = self._resize(self._stacks[c], max(len(keep) * 3 // 2, 64))
-        self._stacks[c][:len(keep)] = keep
-        self._ftop[c] = len(keep)
-        dst, mvs = dst[:m], self._mv
-        for s, d, n in zip(self._loc[hs].tolist(), dst.tolist(), self._size[hs].tolist()):
+        self._free_slots[c] = self._resize(self._free_slots[c], max(len(keep) * 3 // 2, 64))
+        self._free_slots[c][:len(keep)] = keep
+        self._free_top[c] = len(keep)
+        dst, mvs = dst[:m], self._arena_view
+        for s, d, n in zip(self._location[hs].tolist(), dst.tolist(), self._size[hs].tolist()):
             so, do = s & _OFF, d & _OFF
             mvs[d >> 32][do:do + n] = mvs[s >> 32][so:so + n]
-        self._loc[hs] = dst
+        self._location[hs] = dst
         self._compacted += m
 
     # --- capacity and stats ---
@@ -398,18 +405,18 @@ class Pool:
     def capacity(self):
         """Byte limit of arena memory; settable at run time, also below current use."""
         self._own()
-        return self._cap
+        return self._capacity_bytes
 
     @capacity.setter
     def capacity(self, value):
         self._own()
-        self._cap = _capacity(value)
+        self._capacity_bytes = _capacity(value)
 
     @property
     def over_capacity(self):
         """True when arena memory exceeds capacity: stores needing new memory are refused."""
         self._own()
-        return self._arena_bytes > self._cap
+        return self._arena_bytes > self._capacity_bytes
 
     @property
     def mem_used_total(self):
@@ -422,12 +429,12 @@ class Pool:
         can reach any more, for the handler's periodic reconciliation."""
         self._own()
         held = np.asarray(held, np.int64)
-        live = np.flatnonzero(self._size[:self._nh] >= 0)
+        live = np.flatnonzero(self._size[:self._handles_issued] >= 0)
         return np.setdiff1d(live, held[held >= 0], assume_unique=False)
 
     def __len__(self):
         self._own()
-        return self._nh - self._nfree
+        return self._handles_issued - self._handles_free
 
     def __contains__(self, handle):
         self._own()
@@ -445,21 +452,23 @@ class Pool:
         if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) \
                 or not 0 <= q <= 100:
             raise PoolError(f"percentile must be a number in [0, 100], got {q!r}")
-        total = int(self._hist.sum())
+        total = int(self._size_histogram.sum())
         if not total:
             return 1.0
         rank = max(1, math.ceil(Fraction(str(float(q))) * total / 100))
-        return int(np.searchsorted(np.cumsum(self._hist), rank)) / PAGE_SIZE
+        return int(np.searchsorted(np.cumsum(self._size_histogram), rank)) / PAGE_SIZE
 
     def stats(self):
         """zram-style counters (mem_used_total: see the class docstring). Entry counts are
         derived from the per-entry arrays: O(entries), for monitoring, not per page."""
         self._own()
-        used, live, sizes = self.mem_used_total, len(self), self._size[:self._nh]
+        used, live, sizes = self.mem_used_total, len(self), self._size[:self._handles_issued]
         return {
             "orig_data_size": live * PAGE_SIZE,
-            "compr_data_size": int(sizes.sum(dtype=np.int64)) + self._nfree,  # free: -1 each
-            "mem_used_total": used, "mem_limit": self._cap, "mem_used_max": max(self._peak, used),
+            # a free handle's size is -1: add them back
+            "compr_data_size": int(sizes.sum(dtype=np.int64)) + self._handles_free,
+            "mem_used_total": used, "mem_limit": self._capacity_bytes,
+            "mem_used_max": max(self._peak, used),
             "same_pages": int(np.count_nonzero(sizes == 0)), "pages_compacted": self._compacted,
             "huge_pages": int(np.count_nonzero(sizes == PAGE_SIZE)), "pages_stored": live,
             "arena_bytes": self._arena_bytes, "meta_bytes": self._meta,

@@ -184,7 +184,8 @@ class Uffd:
             self.wake(int(dsts[i]), PAGE_SIZE)
         bad = np.flatnonzero((results < 0) & (results != -errno.EEXIST))
         if len(bad):
-            _raise(int(results[bad[0]]), f"UFFDIO_COPY of {len(bad)} pages, first {int(dsts[bad[0]]):#x}")
+            first = int(dsts[bad[0]])
+            _raise(int(results[bad[0]]), f"UFFDIO_COPY of {len(bad)} pages, first {first:#x}")
 
     def zeropage(self, start, length, wake=True):
         done = ffi.new("int64_t *")

@@ -356,7 +356,7 @@ def test_metadata_costs_at_most_32_bytes_per_entry():
         pool.store_many(zeros)
     s = pool.stats()
     assert s["pages_stored"] == 100_000 and s["arena_bytes"] == 0
-    per_entry = pool._loc.nbytes + pool._size.nbytes + pool._hfree.nbytes   # allocated sizes
+    per_entry = pool._location.nbytes + pool._size.nbytes + pool._free_handles.nbytes   # allocated sizes
     assert s["meta_bytes"] >= per_entry                                     # all counted
     assert (s["mem_used_total"] - s["arena_bytes"]) / s["pages_stored"] <= 32
 
