@@ -236,9 +236,8 @@ class Handler:
             for event, a0, a1, a2 in zip(batch["event"].tolist(), batch["arg0"].tolist(),
                                          batch["arg1"].tolist(), batch["arg2"].tolist()):
                 if event == EVENT_PAGEFAULT:
-                    addr = a1 & ~(PAGE_SIZE - 1)
-                    self.pager.fault(client, addr, a0, a2 & 0xFFFFFFFF)
-                    region = client.locate(addr)
+                    region = self.pager.fault(client, a1 & ~(PAGE_SIZE - 1), a0,
+                                              a2 & 0xFFFFFFFF)
                     if region is not None and region.limit.pages is not None:
                         self.touched.add((client, region.id))
                 else:

@@ -50,49 +50,51 @@ class Pager:
 
     # --- faults --------------------------------------------------------------------
     def fault(self, client, addr, flags, tid):
+        """Resolve one fault; returns the region it fell in (None outside every one)."""
         region = client.locate(addr)
         try:
-            if region is None:
-                # registered but in no region (e.g. grown in place by mremap): it can
-                # only be the client's own untouched memory
-                return self.zero_fill_unmanaged(client, addr, flags & FLAG_WRITE)
-            table = region.table
-            page = table.page_of(addr)
-            state = table.state[page]
-            if state == DEMOTING:
-                if tid == client.agent_tid:
-                    # the agent copying a page the application freed: zeros. Protected,
-                    # so that a write landing before the agent's drop faults and waits
-                    # for the batch instead of being dropped with the page.
-                    return client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE, wp=True)
-                return self.deferred.append((client, addr, flags, tid))
-            region.clock.touch(page)
-            write = bool(flags & (FLAG_WRITE | FLAG_WP))
-            if table.entry[page] != NO_ENTRY and not (flags & FLAG_WP and state == READONLY):
-                return self.restore(client, region, page, write)
-            if flags & FLAG_WP:
-                if state == READONLY:
-                    return self.upgrade(client, region, page)
-                return client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)   # stale
-            self.zero_fill(client, region, page, flags & FLAG_WRITE)
+            self.resolve(client, region, addr, flags, tid)
         except UffdRetry:
             self.deferred.append((client, addr, flags, tid))
         except UffdError as e:
             if e.errno not in (errno.ENOENT, errno.ESRCH):   # range or process gone
                 log.error("client pid %d: fault at %#x: %s", client.pid, addr, e)
+        return region
+
+    def resolve(self, client, region, addr, flags, tid):
+        """The transition a fault asks for, by the page's state (DESIGN.md's table)."""
+        if region is None:
+            # registered but in no region (e.g. grown in place by mremap): it can
+            # only be the client's own untouched memory
+            return self.map_zeros(client, addr, flags & FLAG_WRITE)
+        table = region.table
+        page = table.page_of(addr)
+        state = table.state[page]
+        if state == DEMOTING:
+            if tid == client.agent_tid:
+                # the agent copying a page the application freed: zeros. Protected,
+                # so that a write landing before the agent's drop faults and waits
+                # for the batch instead of being dropped with the page.
+                return client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE, wp=True)
+            return self.deferred.append((client, addr, flags, tid))
+        region.clock.touch(page)
+        write = bool(flags & (FLAG_WRITE | FLAG_WP))
+        if table.entry[page] != NO_ENTRY and not (flags & FLAG_WP and state == READONLY):
+            return self.restore(client, region, page, write)
+        if flags & FLAG_WP:
+            if state == READONLY:
+                return self.upgrade(client, region, page)
+            return client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)   # stale
+        self.zero_fill(client, region, page, flags & FLAG_WRITE)
 
     def zero_fill(self, client, region, page, write):
         """First touch (or a page the application dropped): zeros, normal memory."""
-        addr = region.table.address_of(page)
-        if write:   # a private zeroed page now spares the write its copy-on-write
-            client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE)
-        else:
-            client.uffd.zeropage(addr, PAGE_SIZE)
+        self.map_zeros(client, region.table.address_of(page), write)
         region.table.set(page, NORMAL)
         region.counters["zero_fills"] += 1
 
-    def zero_fill_unmanaged(self, client, addr, write):
-        if write:
+    def map_zeros(self, client, addr, write):
+        if write:   # a private zeroed page now spares the write its copy-on-write
             client.uffd.copy(addr, self.zeros_addr, PAGE_SIZE)
         else:
             client.uffd.zeropage(addr, PAGE_SIZE)
