@@ -354,3 +354,61 @@ def test_mremap_moves_demoted_pages_with_their_entries(node, moved_pages):
     del a
     r.close()
     libc.munmap(ctypes.c_void_p(new), moved_pages * PAGE_SIZE)
+
+
+def test_scan_reaps_an_exited_forked_child(monkeypatch):
+    """A fork gives the child a client of its own; nothing tells the handler when it
+    exits, so the periodic scan finds out and releases the child's hold."""
+    monkeypatch.setenv("UFCRAM_SCAN_INTERVAL", "0.1")
+    with ufcram.Node(capacity=16 * MiB) as n:
+        data = text_pages(4, seed=40)
+        r, a = filled(n, data)
+        r.demote()
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(rfd, 1)                   # exit when the parent says so
+            os._exit(0)
+        forked = [c for c in n.stats()["per_client"] if c["forked"]]
+        assert len(forked) == 1 and forked[0]["demoted"] == 4
+        os.write(wfd, b"x")
+        os.waitpid(pid, 0)
+        for _ in range(200):
+            if not any(c["forked"] for c in n.stats()["per_client"]):
+                break
+            import time
+            time.sleep(0.02)
+        assert not any(c["forked"] for c in n.stats()["per_client"])
+        assert np.array_equal(a, data)        # the parent's entries were not released
+        a[0, 0] ^= 1                           # ...and are writable and freeable as before
+        data[0, 0] ^= 1
+        assert np.array_equal(a, data)
+        del a
+        r.close()
+        assert n.stats()["pages_stored"] == 0
+        os.close(rfd)
+        os.close(wfd)
+
+
+@pytest.mark.root
+def test_a_shared_node_is_reachable_only_by_its_user(tmp_path):
+    """Needs root to become another user (nobody) for the attempt."""
+    path = tmp_path / "node.sock"
+    os.chmod(tmp_path, 0o755)
+    with ufcram.Node(capacity=MiB, path=path) as n:
+        ufcram.Node.connect(path).close()     # the owner can (and the socket exists)
+        pid = os.fork()
+        if pid == 0:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            import socket
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                s.connect(str(path))
+                os._exit(1)
+            except PermissionError:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0, "another user could connect"
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        assert len(n.stats()["per_client"]) == 1
