@@ -4,6 +4,7 @@ staging buffer), its regions with their page tables, policies and counters.
 import mmap
 import os
 import socket
+import stat
 import struct
 
 import numpy as np
@@ -11,10 +12,11 @@ import numpy as np
 from .agent import AgentLink
 from .errors import HandlerError, ProtocolError
 from .pagetable import PAGE_SIZE, PageTable
-from .policy import Clock, ResidentLimit, WriteBudget
+from . import config
+from .policy import Clock, Readahead, ResidentLimit, WriteBudget
 from .uffd import Uffd
 
-COUNTERS = ("demotions", "clean_redemotions", "restores", "promotions", "budget_refusals",
+COUNTERS = ("faults", "demotions", "clean_redemotions", "restores", "promotions", "budget_refusals",
             "zero_fills", "refused_full", "refused_closed", "reaped")
 
 
@@ -27,6 +29,7 @@ class ManagedRegion:
         self.limit = ResidentLimit(resident_limit)
         self.budget = WriteBudget(write_budget)
         self.clock = Clock(table.npages)
+        self.readahead = Readahead(config.get("UFCRAM_FAULT_AROUND"))
         self.counters = dict.fromkeys(COUNTERS, 0)
         # pages the application freed while they were in flight to the node: their
         # staged copy must not come back
@@ -77,6 +80,9 @@ class Client:
         uffd_fd, agent_fd, staging_fd = fds
         if os.readlink(f"/proc/self/fd/{uffd_fd}") != "anon_inode:[userfaultfd]":
             raise ProtocolError("HELLO's first descriptor is not a userfaultfd")
+        # checked before anything is owned: a failure after `fds[:] = []` leaked them
+        if not stat.S_ISSOCK(os.fstat(agent_fd).st_mode):
+            raise ProtocolError("HELLO's second descriptor is not a socket")
         if staging_bytes <= 0 or staging_bytes % PAGE_SIZE or \
                 os.fstat(staging_fd).st_size < staging_bytes:
             raise ProtocolError(f"staging buffer of {staging_bytes} bytes is not usable")
@@ -86,6 +92,8 @@ class Client:
         self.staging_pages = np.frombuffer(self.staging, np.uint8).reshape(-1, PAGE_SIZE)
         self.staging_addr = address_of(self.staging)
         self.agent = AgentLink(socket.socket(fileno=agent_fd))
+        # a send to an agent socket whose queue is full must fail, not stall the handler
+        self.agent.sock.setblocking(False)
         self.uffd = Uffd(uffd_fd, features)
 
     def add_region(self, start, length, resident_limit=None, write_budget=0):
@@ -94,12 +102,27 @@ class Client:
         if any(r.table.base < start + length and start < r.table.end
                for r in self.regions.values()):
             raise ProtocolError(f"region {start:#x}+{length:#x} overlaps a registered one")
+        try:
+            table = PageTable(start, length // PAGE_SIZE)
+        except MemoryError:   # else an absurd length drops the client as a handler bug
+            raise HandlerError(f"region {start:#x}+{length:#x}: no memory in the handler "
+                               "for its page table") from None
         rid = self.next_region
         self.next_region += 1
-        self.regions[rid] = ManagedRegion(rid, PageTable(start, length // PAGE_SIZE),
-                                          resident_limit, write_budget)
+        self.regions[rid] = ManagedRegion(rid, table, resident_limit, write_budget)
         self._index()
         return rid
+
+    def check_quota(self, length, max_regions, max_bytes):
+        """A client's share of the handler (0: no limit): its page tables cost the
+        handler memory in proportion to what it registers."""
+        if max_regions and len(self.regions) >= max_regions:
+            raise HandlerError(f"client pid {self.pid} has {len(self.regions)} regions, the "
+                               f"most allowed (UFCRAM_MAX_REGIONS={max_regions})")
+        held = sum(r.table.npages for r in self.regions.values()) * PAGE_SIZE
+        if max_bytes and held + length > max_bytes:
+            raise HandlerError(f"client pid {self.pid}: {length} more bytes on top of "
+                               f"{held} registered exceed UFCRAM_MAX_CLIENT_BYTES={max_bytes}")
 
     def region(self, rid):
         region = self.regions.get(rid)

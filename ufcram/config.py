@@ -26,10 +26,21 @@ SETTINGS = {s.name: s for s in (
             "physical capacity of a node's compressed pool"),
     Setting("UFCRAM_STAGING_PAGES", "pages", 256,
             "pages the agent copies out per demotion batch (shared staging buffer size)"),
+    Setting("UFCRAM_FAULT_AROUND", "pages", 16,
+            "largest readahead window: pages restored (or zero-filled) per fault when "
+            "access is sequential; 1 turns fault-around off"),
+    Setting("UFCRAM_SPIN_US", "microseconds", 100,
+            "how long the handler polls without sleeping after an event before it blocks "
+            "(a sleeping handler is woken slowly across CPUs)"),
     Setting("UFCRAM_AGENT_TIMEOUT", "seconds", 30.0,
             "how long the handler waits for an agent reply before it drops the client"),
     Setting("UFCRAM_SCAN_INTERVAL", "seconds", 5.0,
             "how often the handler reaps exited forked children and orphaned pool entries"),
+    Setting("UFCRAM_MAX_REGIONS", "regions", 4096,
+            "most regions one client may register on a node (0: no limit)"),
+    Setting("UFCRAM_MAX_CLIENT_BYTES", "bytes", 0,
+            "most bytes one client may register on a node in all (0: no limit); the "
+            "handler's page tables cost about 11 bytes per registered page"),
     Setting("UFCRAM_USER_MODE_ONLY", "0/1", 0,
             "open userfaultfd with UFFD_USER_MODE_ONLY (no grant needed; system calls "
             "touching demoted pages then fail with EFAULT)"),

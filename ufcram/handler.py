@@ -16,6 +16,7 @@ import numpy as np
 
 from . import config, events
 from . import protocol as P
+from ._shim import lib
 from .client import Client
 from .errors import HandlerError, ProtocolError, UfcramError, UffdError
 from .pagetable import NO_ENTRY, PAGE_SIZE
@@ -39,6 +40,9 @@ class Handler:
         self.pager = Pager(pool, self.overflow, self.by_uffd, self.drain_uffd,
                            int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000))
         self.scan_interval = config.get("UFCRAM_SCAN_INTERVAL", float)
+        self.max_regions = config.get("UFCRAM_MAX_REGIONS")
+        self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
+        self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
         self.requests = {P.HELLO: self.hello, P.REGISTER: self.register,
@@ -57,6 +61,18 @@ class Handler:
         self.clients[conn.fileno()] = client
         self.poller.register(conn.fileno(), POLLIN)
 
+    def accept_client(self):
+        try:
+            conn = self.listener.accept()[0]
+        except OSError as e:
+            # Out of descriptors (EMFILE): an uncaught error here ended the handler and
+            # every client's memory with it. Stop listening until a client leaves
+            # (drop_client) instead of spinning on the pending connection.
+            log.warning("cannot accept a client: %s; not listening until one leaves", e)
+            self.poller.unregister(self.listener.fileno())
+            return
+        self.add_client(conn)
+
     def watch_uffd(self, client):
         self.by_uffd[client.uffd.fd] = client
         self.poller.register(client.uffd.fd, POLLIN)
@@ -71,19 +87,30 @@ class Handler:
             self.poller.unregister(client.uffd.fd)
         self.touched = {t for t in self.touched if t[0] is not client}
         client.close()
+        if self.listener is not None:   # a descriptor is free again (see accept_client)
+            self.poller.register(self.listener.fileno(), POLLIN)
 
     def run(self):
         """Serve until the last client has gone."""
         while self.clients:
-            timeout = max(0, self.next_scan - time.monotonic()) * 1000
-            for fd, _ in self.poller.poll(timeout):
+            for fd, _ in self.wait():
                 if fd in self.by_uffd:
                     self.drain_uffd(self.by_uffd[fd])
                 elif fd in self.clients:
                     self.serve_request(self.clients[fd])
                 elif self.listener is not None and fd == self.listener.fileno():
-                    self.add_client(self.listener.accept()[0])
+                    self.accept_client()
             self.after_events()
+
+    def wait(self):
+        """The next events. Poll without sleeping for a moment first: a faulting thread
+        that finds the handler asleep on another CPU waits ~100 us for its wake-up."""
+        deadline = time.perf_counter() + self.spin
+        while True:
+            events = self.poller.poll(0)
+            if events or time.perf_counter() >= deadline:
+                break
+        return events or self.poller.poll(max(0, self.next_scan - time.monotonic()) * 1000)
 
     def after_events(self):
         """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
@@ -96,8 +123,10 @@ class Handler:
             if self.overflow.closed:
                 self.pager.relieve_overflow()   # retried on the next turn if interrupted
             if time.monotonic() >= self.next_scan:
-                self.scan()
+                # due again only after an interval even if it fails (e.g. EMFILE): set
+                # after it, a failing scan made every poll time out at once, a busy loop
                 self.next_scan = time.monotonic() + self.scan_interval
+                self.scan()
         except (UfcramError, OSError) as e:
             log.warning("node upkeep interrupted: %s", e)
 
@@ -143,6 +172,9 @@ class Handler:
             P.close_all(fds)
             return self.drop_client(client)
         seq = 0
+        # attach() takes the descriptors out of fds once it owns them, so remember
+        # whether this was a HELLO with descriptors: a failed one must drop the client
+        took_fds = bool(fds)
         try:
             op, seq, payload = P.decode(frame)
             if fds and op != P.HELLO:
@@ -157,7 +189,7 @@ class Handler:
         except (UfcramError, OSError) as e:
             code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
             self.reply(client, P.ERROR, seq, P.error_payload(code, str(e)))
-            if fds:   # a failed HELLO: nothing of this client can be trusted
+            if took_fds:   # a failed HELLO: nothing of this client can be trusted
                 P.close_all(fds)
                 self.drop_client(client)
         except Exception:   # a bug: lose this client, never the other clients' memory
@@ -167,13 +199,18 @@ class Handler:
 
     def reply(self, client, op, seq, payload):
         try:
-            client.conn.send(P.encode(op, seq, payload))
+            # Never block: a client that sends requests without reading the replies
+            # would otherwise stall the handler, and every other client's faults.
+            client.conn.send(P.encode(op, seq, payload), socket.MSG_DONTWAIT)
         except OSError:
             self.drop_client(client)
 
     def hello(self, client, fds, staging_bytes, _reserved):
         client.attach(fds, staging_bytes, WANTED)
-        status, _ = client.agent.ping()
+        # not agent.ping(): its blocking recv let an agent socket that never answers
+        # stall the handler for good; await_agent times out and serves faults meanwhile
+        client.agent.send(lib.UFC_AGENT_PING)
+        status, _ = self.pager.await_agent(client)
         if status < 0:
             raise HandlerError(f"agent ping failed: {os.strerror(-status)}")
         self.watch_uffd(client)
@@ -182,6 +219,7 @@ class Handler:
     def register(self, client, fds, start, length, resident_limit, write_budget):
         limit = None if resident_limit == P.NO_LIMIT else resident_limit
         budget = "auto" if write_budget == P.AUTO_BUDGET else write_budget
+        client.check_quota(length, self.max_regions, self.max_client_bytes)
         return P.COUNT.pack(client.add_region(start, length, limit, budget))
 
     def unregister(self, client, fds, rid, restore):

@@ -9,6 +9,7 @@ import select
 
 import numpy as np
 
+from . import config
 from ._shim import lib
 from .agent import MAX_RUNS
 from .errors import HandlerError, UffdError, UffdRetry
@@ -41,7 +42,8 @@ class Pager:
         self.clients = clients          # uffd fd -> Client, shared with the handler
         self.serve_uffd = serve_uffd    # reads and dispatches one uffd's messages
         self.agent_timeout_ms = agent_timeout_ms
-        self.bounce = np.zeros(PAGE_SIZE, np.uint8)
+        # restores decompress here, then one UFFDIO_COPY installs the whole run
+        self.bounce = np.zeros((config.get("UFCRAM_FAULT_AROUND") or 1, PAGE_SIZE), np.uint8)
         self.bounce_addr = address_of(self.bounce)
         self.zeros = np.zeros(PAGE_SIZE, np.uint8)
         self.zeros_addr = address_of(self.zeros)
@@ -70,6 +72,7 @@ class Pager:
         table = region.table
         page = table.page_of(addr)
         state = table.state[page]
+        region.counters["faults"] += 1
         if state == DEMOTING:
             if tid == client.agent_tid:
                 # the agent copying a page the application freed: zeros. Protected,
@@ -88,10 +91,16 @@ class Pager:
         self.zero_fill(client, region, page, flags & FLAG_WRITE)
 
     def zero_fill(self, client, region, page, write):
-        """First touch (or a page the application dropped): zeros, normal memory."""
-        self.map_zeros(client, region.table.address_of(page), write)
-        region.table.set(page, NORMAL)
-        region.counters["zero_fills"] += 1
+        """First touch (or a page the application dropped): zeros, normal memory. The
+        untouched pages ahead get the shared zero page too (fault-around), so a
+        sequential first touch costs one fault per window, not one per page."""
+        table = region.table
+        count = self.run_length(region, page, UNTOUCHED)
+        self.map_zeros(client, table.address_of(page), write)
+        if count > 1:
+            client.uffd.zeropage(table.address_of(page + 1), (count - 1) * PAGE_SIZE)
+        table.set(np.arange(page, page + count), NORMAL)
+        region.counters["zero_fills"] += count
 
     def map_zeros(self, client, addr, write):
         if write:   # a private zeroed page now spares the write its copy-on-write
@@ -99,19 +108,31 @@ class Pager:
         else:
             client.uffd.zeropage(addr, PAGE_SIZE)
 
+    def run_length(self, region, page, state):
+        """Pages from `page` on to bring in now: the readahead window, cut at the first
+        page of the run ahead that is not in `state`."""
+        want = min(region.readahead.pages(page), len(self.bounce), region.table.npages - page)
+        ahead = region.table.state[page + 1:page + want] != state
+        count = 1 + (int(np.argmax(ahead)) if ahead.any() else want - 1)
+        region.readahead.ran(page, count)
+        return count
+
     def restore(self, client, region, page, write):
         """A fault on a page held by the node. A read maps the node's copy read-only and
-        keeps the entry; a write gets a writable page, on the node within the write
-        budget, else promoted to normal memory."""
+        keeps the entry (with the demoted pages ahead, fault-around); a write gets a
+        writable page, on the node within the write budget, else promoted."""
         table = region.table
-        self.pool.load(int(table.entry[page]), out=self.bounce)
-        client.uffd.copy(table.address_of(page), self.bounce_addr, PAGE_SIZE, wp=not write)
-        region.counters["restores"] += 1
+        count = 1 if write else self.run_length(region, page, DEMOTED)
+        pages = np.arange(page, page + count)
+        self.pool.load_many(table.entry[pages], self.bounce[:count])
+        client.uffd.copy(table.address_of(page), self.bounce_addr, count * PAGE_SIZE,
+                         wp=not write)
+        region.counters["restores"] += count
         if write:
             self.release(table, page)
             self.writable_or_promoted(client, region, page)
         else:
-            table.set(page, READONLY)
+            table.set(pages, READONLY)
 
     def upgrade(self, client, region, page):
         """A write to a read-only page: its node copy becomes stale and is reaped."""
@@ -326,7 +347,7 @@ class Pager:
         for page in pages.tolist():
             addr = table.address_of(page)
             if state == DEMOTED:
-                self.pool.load(int(table.entry[page]), out=self.bounce)
+                self.pool.load(int(table.entry[page]), out=self.bounce[0])
                 client.uffd.copy(addr, self.bounce_addr, PAGE_SIZE)
             else:
                 client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)

@@ -117,3 +117,24 @@ def exposed_pages(capacity, stored_pages, stored_bytes):
     compression ratio (bytes per stored page; a page's worth before anything is stored)."""
     per_page = stored_bytes / stored_pages if stored_pages else PAGE_SIZE
     return int(capacity // max(per_page, 1.0))
+
+
+class Readahead:
+    """Fault-around for one region, like the kernel's swap readahead: a fault right
+    after the previous run doubles the window, any other fault shrinks it to one page,
+    so sequential scans restore in runs and random access pays for nothing extra."""
+
+    def __init__(self, max_pages):
+        self.max_pages = max(1, int(max_pages))
+        self.window = 1
+        self.next = -1
+
+    def pages(self, page):
+        """How many pages, from `page` on, to bring in for a fault at `page`."""
+        self.window = min(self.window * 2, self.max_pages) if page == self.next else 1
+        self.next = page + self.window
+        return self.window
+
+    def ran(self, page, count):
+        """Only `count` pages could come in: expect the next fault after them."""
+        self.next = page + count

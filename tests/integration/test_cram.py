@@ -412,3 +412,21 @@ def test_a_shared_node_is_reachable_only_by_its_user(tmp_path):
         assert os.waitpid(pid, 0)[1] == 0, "another user could connect"
         assert oct(os.stat(path).st_mode & 0o777) == "0o600"
         assert len(n.stats()["per_client"]) == 1
+
+
+def test_fault_around_restores_sequential_runs_and_not_random_ones(node):
+    data = text_pages(256, seed=50)
+    r, a = filled(node, data)
+    r.demote()
+    before = r.stats()["faults"]
+    assert np.array_equal(a, data)                    # a sequential scan
+    s = r.stats()
+    assert s["readonly"] == 256 and s["faults"] - before <= 256 // 4
+    r.demote()
+    before = r.stats()["faults"]
+    for start in (0, 1):                               # every other page: never sequential
+        for p in range(start, 256, 2):
+            assert np.array_equal(a[p], data[p])
+    assert r.stats()["faults"] - before == 256
+    del a
+    r.close()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ufcram.errors import UfcramError
-from ufcram.policy import (ENTRY_OVERHEAD, PAGE_SIZE, Clock, Overflow, ResidentLimit,
+from ufcram.policy import (ENTRY_OVERHEAD, PAGE_SIZE, Clock, Overflow, Readahead, ResidentLimit,
                            WriteBudget, exposed_pages)
 
 pytestmark = pytest.mark.timeout(10)
@@ -71,3 +71,13 @@ def test_overflow_hysteresis():
 def test_balloon_follows_the_ratio():
     assert exposed_pages(PAGE_SIZE * 100, 0, 0) == 100
     assert exposed_pages(PAGE_SIZE * 100, 1000, 1000 * 1024) == 400
+
+
+def test_readahead_grows_on_sequential_faults_and_resets_on_random_ones():
+    ra = Readahead(8)
+    assert [ra.pages(p) for p in (10, 11, 13, 17)] == [1, 2, 4, 8]
+    assert ra.pages(25) == 8                     # capped
+    assert ra.pages(3) == 1                      # random: back to one page
+    ra.pages(4)
+    ra.ran(4, 1)                                 # fewer came in than asked
+    assert ra.pages(5) == 4
