@@ -1,0 +1,671 @@
+"""Hostile and broken clients of a shared node: bad frames, bad descriptors, floods,
+lost peers and a fuzzer get an error reply or a closed connection, nothing else.
+
+One well-behaved client (this process) keeps a demoted region on the node throughout;
+after every test the handler is alive, that region's bytes and stats are unchanged, no
+pool entry or handler descriptor is left behind, and a fresh client still works.
+"""
+import mmap
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ufcram
+from ufcram import PAGE_SIZE, Region
+from ufcram import protocol as P
+from ufcram._shim import lib
+from ufcram.agent import CMD, REPLY
+from ufcram.uffd import Uffd, address_of
+
+from .faults import read_via_kernel, write_via_kernel
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+GOOD_PAGES = 64
+STAGING = 16 * PAGE_SIZE
+AGENT_TIMEOUT = 1.0     # seconds the handler waits for a silent agent, kept short here
+_KEEP = []              # staging buffers an agent thread of ours may still write into
+
+
+# --- the well-behaved client ------------------------------------------------------------
+class Good:
+    """This process's region on the shared node, and what must stay true about it."""
+
+    def __init__(self, path, env):
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            self.node = ufcram.Node(capacity=64 * MiB, path=path)
+        # a handler that stopped answering fails our requests instead of hanging them
+        self.node.connection.sock.settimeout(10)
+        self.path = path
+        self.handler = psutil.Process(self.node.pid)
+        self.region = Region(GOOD_PAGES * PAGE_SIZE, node=self.node, write_budget=4)
+        self.view = self.region.array(np.uint8, (GOOD_PAGES, PAGE_SIZE))
+        self.data = np.random.default_rng(7).integers(0, 256, self.view.shape, np.uint8)
+        self.view[:] = self.data
+        self.region.demote()
+        self.baseline()
+
+    def baseline(self, fds=True):
+        self.stats = self.region.stats()
+        self.stored = self.node.stats()["pages_stored"]
+        if fds:
+            self.fds = self.handler.num_fds()
+
+    def redemote(self):
+        """After a test read the region on purpose: demoted again, new baseline."""
+        self.region.demote()
+        self.baseline(fds=False)
+
+    def check(self):
+        """Unharmed: alive, same stats, same bytes, no entry or descriptor left over."""
+        assert self.node.process.poll() is None, "the handler died"
+        wait_until(lambda: self.handler.num_fds() == self.fds,
+                   lambda: f"handler fds {self.handler.num_fds()} != {self.fds}")
+        assert self.region.stats() == self.stats
+        assert self.node.stats()["pages_stored"] == self.stored
+        assert np.array_equal(self.view, self.data)
+        self.redemote()
+
+    def dropped(self):
+        """Wait until the handler has let a client go."""
+        wait_until(lambda: self.handler.num_fds() == self.fds, lambda: "client not dropped")
+
+    def close(self):
+        del self.view
+        try:
+            self.region.close()
+        finally:
+            self.node.close()   # kills a handler that does not leave by itself
+
+
+def wait_until(condition, describe, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, describe()
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    g = Good(tmp_path_factory.mktemp("hostile") / "n.sock",
+             {"UFCRAM_AGENT_TIMEOUT": str(AGENT_TIMEOUT),
+              # the fuzzer registers huge ranges: the handler's page tables stay small
+              "UFCRAM_MAX_CLIENT_BYTES": str(1 << 30)})
+    yield g
+    g.close()
+
+
+@pytest.fixture(autouse=True)
+def unharmed(request):
+    yield
+    if "good" in request.fixturenames:
+        request.getfixturevalue("good").check()
+
+
+def fresh_client_works(path):
+    """A new client joins the node and round-trips its bytes."""
+    with ufcram.Node.connect(path) as node:
+        r = Region(16 * PAGE_SIZE, node=node)
+        a = r.array()
+        data = np.random.default_rng(3).integers(0, 256, r.nbytes, np.uint8)
+        a[:] = data
+        assert r.demote() == 16
+        assert np.array_equal(a, data)
+        del a
+        r.close()
+
+
+# --- raw connections ----------------------------------------------------------------------
+def raw(path, timeout=10.0):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(os.fspath(path))
+    sock.settimeout(timeout)   # a handler that never answers fails the test, not hangs it
+    return sock
+
+
+def send(sock, frame, fds=()):
+    """False if the handler has closed the connection."""
+    try:
+        if fds:
+            socket.send_fds(sock, [frame], list(fds))
+        else:
+            sock.send(frame)
+        return True
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+
+
+def receive(sock):
+    """The next reply frame, or None once the handler has closed the connection."""
+    try:
+        return sock.recv(P.MAX_FRAME) or None
+    except ConnectionResetError:
+        return None
+
+
+def exchange(sock, frame, fds=()):
+    return receive(sock) if send(sock, frame, fds) else None
+
+
+def assert_refused(reply):
+    """An ERROR reply that parses, or a closed connection: nothing else is acceptable."""
+    if reply is None:
+        return
+    op, _, body = P.decode(reply)
+    assert op == P.ERROR, f"a bad request got op {op}"
+    P.parse_error(body)
+
+
+def request(op, *fields, seq=1):
+    return P.encode(op, seq, P.pack_request(op, *fields))
+
+
+def memfd(size):
+    fd = os.memfd_create("hostile-staging")
+    os.ftruncate(fd, size)
+    return fd
+
+
+class RealClient:
+    """A client built by hand as Connection builds one (its own uffd, agent socket and
+    staging memfd), so that it can go on to send what Connection never would. With
+    agent=False this process answers on the agent socket itself (self.agent)."""
+
+    def __init__(self, path, agent=True):
+        self.sock = raw(path)
+        self.mm = None
+        self.seq = 0
+        self.uffd, fds, self.agent = hello_parts(agent)
+        try:
+            assert send(self.sock, request(P.HELLO, STAGING, 0, seq=0), fds)
+            if not agent:
+                answer_agent(self.agent)   # the handler pings the agent before it replies
+            assert P.decode(receive(self.sock))[0] == P.OK
+        finally:
+            close_fds(fds[1:])
+
+    def call(self, op, *fields):
+        """(reply op, body); the connection must survive any request of a ready client."""
+        self.seq += 1
+        reply = exchange(self.sock, request(op, *fields, seq=self.seq))
+        assert reply is not None, f"the handler dropped a ready client for op {op} {fields}"
+        rop, rseq, body = P.decode(reply)
+        assert rseq == self.seq and rop in (P.OK, P.ERROR)
+        return rop, body
+
+    def own_memory(self, pages, seed=0):
+        """A region of our own: registered, written (faults resolved by the handler
+        through our uffd; written by the kernel so no Python thread faults with the
+        GIL held), and announced; returns its region id."""
+        self.mm = mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.addr = address_of(self.mm)
+        self.uffd.register(self.addr, pages * PAGE_SIZE)
+        op, body = self.call(P.REGISTER, self.addr, pages * PAGE_SIZE, P.NO_LIMIT, 2)
+        assert op == P.OK
+        write_via_kernel(self.mm, 0, np.random.default_rng(seed).bytes(pages * PAGE_SIZE))
+        return P.COUNT.unpack(body)[0]
+
+    def close(self):
+        """Leave; our uffd and memory go only once the handler has let us go."""
+        self.sock.close()
+        if self.agent is not None:
+            self.agent.close()
+
+    def release(self):
+        self.uffd.close()   # first: unmapping a registered range waits on the handler
+        if self.mm is not None:
+            self.mm.close()
+
+
+def hello_parts(agent=True):
+    """(uffd, HELLO's descriptors, agent socket): with agent, a native agent thread
+    serves the agent socket (and None is returned for it), as in Connection; without,
+    the caller plays the agent on the socket returned."""
+    uffd = Uffd.open()
+    staging_fd = memfd(STAGING)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if agent:
+        staging = mmap.mmap(staging_fd, STAGING)
+        _KEEP.append(staging)
+        assert lib.ufc_agent_start(uffd.fd, ours.fileno(), address_of(staging), STAGING) == 0
+        ours.detach()   # the agent thread owns it now
+        ours = None
+    else:
+        ours.settimeout(10)
+    return uffd, [uffd.fd, theirs.detach(), staging_fd], ours
+
+
+def close_fds(fds):
+    for fd in fds:
+        os.close(fd)
+
+
+def answer_agent(sock, status=0):
+    """Play the agent for one command: reply as the native agent thread would."""
+    cmd = sock.recv(4096)
+    _, op, seq, _, _ = CMD.unpack_from(cmd)
+    sock.send(REPLY.pack(lib.UFC_AGENT_MAGIC, seq, status, os.getpid(), 0))
+    return op
+
+
+# --- frames -----------------------------------------------------------------------------
+def header(op, seq, length, magic=P.MAGIC, version=P.VERSION):
+    return P.HEADER.pack(magic, version, op, seq, length)
+
+
+MALFORMED = {
+    "one byte": b"U",
+    "truncated header": P.encode(P.STATS, 1)[:10],
+    "bad magic": header(P.STATS, 1, 4, magic=b"XXXX") + bytes(4),
+    "bad version": header(P.STATS, 1, 4, version=2) + bytes(4),
+    "length says more": header(P.STATS, 1, 40) + bytes(4),
+    "length says less": header(P.STATS, 1, 0) + bytes(4),
+    "unknown op 0": P.encode(0, 1, bytes(8)),
+    "unknown op 7": P.encode(7, 1),
+    "unknown op 65535": P.encode(65535, 1, bytes(32)),
+    "a reply op OK": P.encode(P.OK, 1),
+    "a reply op ERROR": P.encode(P.ERROR, 1, P.error_payload(1, "x")),
+    "oversized": P.encode(P.STATS, 1, bytes(P.MAX_FRAME)),
+    "far oversized": bytes(200_000),   # about the most a SEQPACKET send takes
+    "empty": b"",
+    **{f"op {op} payload short": P.encode(op, 1, bytes(size.size - 1))
+       for op, size in P.PAYLOADS.items()},
+    **{f"op {op} payload long": P.encode(op, 1, bytes(size.size + 3))
+       for op, size in P.PAYLOADS.items()},
+    **{f"op {op} before HELLO": P.encode(op, 1, bytes(size.size))
+       for op, size in P.PAYLOADS.items()},
+}
+
+
+@pytest.mark.parametrize("frame", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_frame_is_refused(good, frame):
+    with raw(good.path) as sock:
+        assert_refused(exchange(sock, frame))
+        # if the handler kept the connection, it is still in step with us
+        if send(sock, request(P.STATS, P.NODE, seq=9)):
+            reply = receive(sock)
+            assert reply is None or P.decode(reply)[:2] == (P.ERROR, 9)
+
+
+def uffd_fd():
+    return Uffd.open().fd
+
+
+def pipe_fd():
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+def socket_fd():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    _KEEP.append(b)   # a peer that is there but never answers
+    return a.detach()
+
+
+def full_socket_fd():
+    """An agent socket the handler cannot send on: its peer's queue is already full."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(bytes(64))
+    except BlockingIOError:
+        pass
+    a.setblocking(True)
+    _KEEP.append(b)
+    return a.detach()
+
+
+def readonly_file_fd():
+    fd = os.open("/proc/self/exe", os.O_RDONLY)
+    return fd
+
+
+def dir_fd():
+    return os.open("/", os.O_RDONLY)
+
+
+HELLO_FDS = {   # descriptor makers; staging bytes default to STAGING
+    "no descriptors": [],
+    "pipe as uffd": [pipe_fd, socket_fd, lambda: memfd(STAGING)],
+    "pipe as agent": [uffd_fd, pipe_fd, lambda: memfd(STAGING)],
+    "uffd as agent": [uffd_fd, uffd_fd, lambda: memfd(STAGING)],
+    "pipe as staging": [uffd_fd, socket_fd, pipe_fd],
+    "directory as staging": [uffd_fd, socket_fd, dir_fd],
+    "read-only file as staging": [uffd_fd, socket_fd, readonly_file_fd],
+    "staging too small": [uffd_fd, socket_fd, lambda: memfd(PAGE_SIZE)],
+    "two descriptors": [uffd_fd, socket_fd],
+    "four descriptors": [uffd_fd, socket_fd, lambda: memfd(STAGING), pipe_fd],
+    "five descriptors": [uffd_fd, socket_fd, lambda: memfd(STAGING), pipe_fd, pipe_fd],
+    "agent never answers": [uffd_fd, socket_fd, lambda: memfd(STAGING)],
+    "agent queue full": [uffd_fd, full_socket_fd, lambda: memfd(STAGING)],
+}
+
+
+@pytest.mark.parametrize("makers", HELLO_FDS.values(), ids=HELLO_FDS.keys())
+def test_hello_with_wrong_descriptors_is_refused(good, makers):
+    fds = [make() for make in makers]
+    try:
+        with raw(good.path) as sock:
+            assert_refused(exchange(sock, request(P.HELLO, STAGING, 0), fds))
+            # a failed HELLO leaves no half-made client behind that could act
+            assert_refused(exchange(sock, request(P.STATS, P.NODE)))
+    finally:
+        close_fds(fds)
+
+
+@pytest.mark.parametrize("staging_bytes", [0, 100, STAGING + PAGE_SIZE, (1 << 64) - PAGE_SIZE])
+def test_hello_with_a_bad_staging_size_is_refused(good, staging_bytes):
+    fds = [uffd_fd(), socket_fd(), memfd(STAGING)]
+    try:
+        with raw(good.path) as sock:
+            assert_refused(exchange(sock, request(P.HELLO, staging_bytes, 0), fds))
+    finally:
+        close_fds(fds)
+
+
+def test_descriptors_on_other_ops_are_refused(good):
+    for op, layout in P.PAYLOADS.items():
+        if op == P.HELLO:
+            continue
+        fd = pipe_fd()
+        with raw(good.path) as sock:
+            assert_refused(exchange(sock, P.encode(op, 1, bytes(layout.size)), [fd]))
+        os.close(fd)
+
+
+def test_silent_agent_does_not_stall_other_clients_faults(good):
+    """While the handler waits on a HELLO's silent agent, it still serves our faults
+    (read through the kernel, so that this thread waits without the GIL)."""
+    fds = [uffd_fd(), socket_fd(), memfd(STAGING)]
+    with raw(good.path) as sock:
+        assert send(sock, request(P.HELLO, STAGING, 0), fds)
+        time.sleep(AGENT_TIMEOUT / 4)   # the handler is waiting on the agent now
+        got = []
+        reader = threading.Thread(target=lambda: got.append(
+            read_via_kernel(good.region.address, good.region.nbytes)), daemon=True)
+        reader.start()
+        reader.join(AGENT_TIMEOUT / 2)
+        assert got == [good.data.tobytes()], "our faults waited on another client's agent"
+        assert_refused(receive(sock))
+        good.redemote()
+    close_fds(fds)
+
+
+def test_second_hello_is_refused(good):
+    client = RealClient(good.path)
+    assert client.call(P.HELLO, STAGING, 0)[0] == P.ERROR         # no descriptors
+    fds = [uffd_fd(), socket_fd(), memfd(STAGING)]
+    assert_refused(exchange(client.sock, request(P.HELLO, STAGING, 0), fds))
+    close_fds(fds)
+    client.close()
+    good.dropped()
+    client.release()
+
+
+def test_flood_without_reading_replies_does_not_stall_the_handler(good):
+    """The replies fill our queue; the handler must let us go, not wait on us."""
+    with raw(good.path) as sock:
+        sock.setblocking(False)
+        frame = request(P.STATS, P.NODE)
+        deadline = time.monotonic() + 5
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while time.monotonic() < deadline:
+                try:
+                    sock.send(frame)
+                except BlockingIOError:   # the handler reads more slowly than we send
+                    time.sleep(0.001)
+    start = time.monotonic()
+    good.node.stats()
+    assert time.monotonic() - start < 1.0
+
+
+def test_clients_that_leave_mid_request(good):
+    for i in range(100):   # a request, and gone before the reply
+        with raw(good.path) as sock:
+            send(sock, request(P.STATS, P.NODE, seq=i))
+    for _ in range(20):    # a complete HELLO, and gone before the reply
+        uffd, fds, _ = hello_parts()
+        with raw(good.path) as sock:
+            send(sock, request(P.HELLO, STAGING, 0), fds)
+        close_fds(fds)
+
+
+def test_agent_that_leaves_mid_demotion(good):
+    """The handler waits on our agent's reply to a demotion; the agent, then the
+    client, goes away. Its entries and descriptors must all be released."""
+    client = RealClient(good.path, agent=False)
+    rid = client.own_memory(8)
+    client.seq += 1
+    assert send(client.sock, request(P.DEMOTE, rid, 0, 8 * PAGE_SIZE, seq=client.seq))
+    client.agent.recv(4096)   # the demotion command arrives; we drop the agent instead
+    client.agent.close()
+    client.agent = None
+    assert_refused(receive(client.sock))
+    client.close()
+    good.dropped()
+    client.release()
+
+
+def test_client_that_leaves_while_its_agent_works(good):
+    client = RealClient(good.path, agent=False)
+    rid = client.own_memory(8)
+    assert send(client.sock, request(P.DEMOTE, rid, 0, 8 * PAGE_SIZE, seq=5))
+    client.sock.close()                      # gone before the reply...
+    assert answer_agent(client.agent) == lib.UFC_AGENT_DEMOTE   # ...the agent answers
+    client.agent.close()
+    client.agent = None
+    good.dropped()
+    client.release()
+
+
+def test_real_client_cannot_reach_the_good_clients_pages(good):
+    """Our own second client registers the good region's very addresses (they are not
+    in its uffd): demoting or unregistering them does nothing to the good region."""
+    client = RealClient(good.path)
+    op, body = client.call(P.REGISTER, good.region.address, good.region.nbytes, P.NO_LIMIT, 0)
+    assert op == P.OK
+    rid = P.COUNT.unpack(body)[0]
+    assert client.call(P.DEMOTE, rid, 0, good.region.nbytes) == (P.OK, P.COUNT.pack(0))
+    assert client.call(P.UNREGISTER, rid, 1)[0] == P.OK
+    assert client.call(P.STATS, good.region.id)[0] == P.ERROR
+    client.close()
+    good.dropped()
+    client.release()
+
+
+def test_huge_regions_are_refused_not_fatal(good):
+    client = RealClient(good.path)
+    for length in (1 << 63, (1 << 64) - PAGE_SIZE, 1 << 40):
+        op, body = client.call(P.REGISTER, 1 << 52, length, P.NO_LIMIT, 0)
+        assert op == P.ERROR and b"UFCRAM_MAX_CLIENT_BYTES" in body
+    client.close()
+    good.dropped()
+    client.release()
+
+
+def test_out_of_descriptors_handler_keeps_serving(good):
+    """EMFILE on accept used to end the handler, and every client's memory with it."""
+    limits = good.handler.rlimit(psutil.RLIMIT_NOFILE)
+    good.handler.rlimit(psutil.RLIMIT_NOFILE, (good.fds + 8, limits[1]))
+    socks = []
+    try:
+        for _ in range(64):   # past the limit, then past the listen backlog
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.setblocking(False)
+            socks.append(sock)
+            try:
+                sock.connect(os.fspath(good.path))
+            except BlockingIOError:
+                break
+        time.sleep(0.2)
+        assert good.node.process.poll() is None, "the handler died"
+        assert np.array_equal(good.view, good.data)   # faults still served
+        good.redemote()                               # and requests
+    finally:
+        for sock in socks:
+            sock.close()
+        good.handler.rlimit(psutil.RLIMIT_NOFILE, limits)
+    good.dropped()
+    fresh_client_works(good.path)
+
+
+# --- fuzzing ------------------------------------------------------------------------------
+OPS = st.sampled_from([0, *P.PAYLOADS, P.OK, P.ERROR, 7, 99, 255, 65535])
+SEQS = st.integers(0, (1 << 32) - 1)
+FRAMES = st.one_of(
+    st.binary(max_size=96),                                         # noise
+    st.builds(lambda m, v, op, seq, n, tail: P.HEADER.pack(m, v, op, seq, n) + tail,
+              st.sampled_from([P.MAGIC, b"UFCr", b"\0" * 4]), st.sampled_from([1, 0, 2, 65535]),
+              OPS, SEQS, st.integers(0, (1 << 32) - 1), st.binary(max_size=48)),  # lying headers
+    st.builds(lambda op, seq, body: P.encode(op, seq, body), OPS, SEQS,
+              st.binary(max_size=64)),                              # valid header, any body
+    st.sampled_from(list(P.PAYLOADS)).flatmap(lambda op: st.builds(
+        lambda seq, body: P.encode(op, seq, body), SEQS,
+        st.binary(min_size=P.PAYLOADS[op].size, max_size=P.PAYLOADS[op].size))),  # right size
+    st.just(bytes(P.MAX_FRAME + 1)),
+)
+
+
+class Connections:
+    """A few raw connections, reopened whenever the handler has closed one."""
+
+    def __init__(self, path, n=4):
+        self.path = path
+        self.socks = [raw(path) for _ in range(n)]
+        self.frames = 0
+
+    def burst(self, i, frames):
+        """Send frames back to back, then read every reply; each must be a refusal."""
+        sock = self.socks[i]
+        sent, reply = 0, b""
+        for frame in frames:
+            if not send(sock, frame):
+                break
+            sent += 1
+        self.frames += sent
+        for _ in range(sent):
+            reply = receive(sock)
+            assert_refused(reply)
+            if reply is None:
+                break
+        if reply is None or sent < len(frames):
+            sock.close()
+            self.socks[i] = raw(self.path)
+
+    def close(self):
+        for sock in self.socks:
+            sock.close()
+
+
+def test_fuzzed_frames_never_harm_the_handler_or_another_client(good):
+    pool = Connections(good.path)
+
+    @settings(max_examples=2500, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, len(pool.socks) - 1), st.lists(FRAMES, min_size=1, max_size=12))
+    def fuzz(i, frames):
+        pool.burst(i, frames)
+
+    fuzz()
+    pool.close()
+    assert pool.frames > 5000
+    fresh_client_works(good.path)
+
+
+ADDRESSES = st.one_of(st.integers(0, 1 << 48).map(lambda a: a & ~(PAGE_SIZE - 1)),
+                      st.integers(0, (1 << 64) - 1))
+LENGTHS = st.one_of(st.integers(0, 64).map(lambda n: n * PAGE_SIZE),
+                    st.sampled_from([1, PAGE_SIZE - 1, 1 << 30, 1 << 40, 1 << 63,
+                                     (1 << 64) - PAGE_SIZE]))
+RIDS = st.one_of(st.integers(0, 8), st.sampled_from([P.NODE, (1 << 32) - 2]))
+
+
+def requests_of(client, good_region):
+    """Requests of a ready client: REGISTER (anywhere, the good region's addresses and
+    its own included), DEMOTE, UNREGISTER and STATS; never SET_CAPACITY, which a
+    shared node grants every client by design."""
+    spots = st.one_of(ADDRESSES, st.sampled_from([good_region.address, client.addr]))
+    return st.one_of(
+        st.tuples(st.just(P.REGISTER), spots, LENGTHS,
+                  st.sampled_from([P.NO_LIMIT, 0, PAGE_SIZE]),
+                  st.sampled_from([P.AUTO_BUDGET, 0, 3, -7, 1 << 62])),
+        st.tuples(st.just(P.DEMOTE), RIDS, LENGTHS, LENGTHS),
+        st.tuples(st.just(P.UNREGISTER), RIDS, st.integers(0, 255)),
+        st.tuples(st.just(P.STATS), RIDS))
+
+
+def test_fuzzed_requests_of_a_real_client_never_reach_another_client(good):
+    client = RealClient(good.path)
+    client.own_memory(16, seed=5)
+
+    @settings(max_examples=1500, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(requests_of(client, good.region), min_size=1, max_size=6))
+    def fuzz(calls):
+        for op, *fields in calls:
+            client.call(op, *fields)
+
+    fuzz()
+    client.close()
+    good.dropped()
+    client.release()
+    fresh_client_works(good.path)
+
+
+# --- per-client limits -------------------------------------------------------------------
+@pytest.fixture()
+def limited(monkeypatch, tmp_path):
+    """A node that allows each client 3 regions and 16 pages; and its path."""
+    monkeypatch.setenv("UFCRAM_MAX_REGIONS", "3")
+    monkeypatch.setenv("UFCRAM_MAX_CLIENT_BYTES", str(16 * PAGE_SIZE))
+    with ufcram.Node(capacity=16 * MiB, path=tmp_path / "n.sock") as node:
+        yield node, tmp_path / "n.sock"
+
+
+def test_region_count_limit_is_clear(limited):
+    limited_node, path = limited
+    regions = [Region(PAGE_SIZE, node=limited_node) for _ in range(3)]
+    with pytest.raises(ufcram.HandlerError, match="UFCRAM_MAX_REGIONS=3"):
+        Region(PAGE_SIZE, node=limited_node)
+    regions.pop().close()
+    regions.append(Region(PAGE_SIZE, node=limited_node))   # room again
+    with ufcram.Node.connect(path) as other:
+        others = [Region(PAGE_SIZE, node=other) for _ in range(3)]   # a quota of its own
+        for r in others:
+            r.close()
+    for r in regions:
+        r.close()
+
+
+def test_registered_bytes_limit_is_clear(limited):
+    limited_node, _ = limited
+    big = Region(12 * PAGE_SIZE, node=limited_node)
+    with pytest.raises(ufcram.HandlerError, match="UFCRAM_MAX_CLIENT_BYTES=65536"):
+        Region(5 * PAGE_SIZE, node=limited_node)
+    small = Region(4 * PAGE_SIZE, node=limited_node)   # exactly at the limit
+    a = small.array()
+    a[:] = 9
+    small.demote()
+    assert (a == 9).all()                               # the refusal broke nothing
+    del a
+    small.close()
+    big.close()
+
+
+def test_absurd_region_without_a_byte_limit_is_an_error(tmp_path):
+    with ufcram.Node(capacity=16 * MiB, path=tmp_path / "n.sock") as node:
+        with pytest.raises(ufcram.HandlerError, match="no memory in the handler"):
+            node.connection.count(P.REGISTER, 1 << 52, 1 << 62, P.NO_LIMIT, 0)
+        with Region(PAGE_SIZE, node=node) as r:      # the client was not dropped
+            assert r.stats()["pages"] == 1
