@@ -114,11 +114,16 @@ class Handler:
 
     def after_events(self):
         """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
-        touched, self.touched = self.touched, set()
-        for client, rid in touched:
-            region = client.regions.get(rid)
-            if region is not None and client.ready:
-                self.guarded(client, self.pager.enforce_limit, client, region)
+        # faults served while an eviction waits on the agent touch regions again:
+        # enforce until none was (bounded, in case the application outruns us)
+        for _ in range(8):
+            touched, self.touched = self.touched, set()
+            if not touched:
+                break
+            for client, rid in touched:
+                region = client.regions.get(rid)
+                if region is not None and client.ready:
+                    self.guarded(client, self.pager.enforce_limit, client, region)
         try:
             if self.overflow.closed:
                 self.pager.relieve_overflow()   # retried on the next turn if interrupted
