@@ -127,13 +127,21 @@ class Handler:
         try:
             if self.overflow.closed:
                 self.pager.relieve_overflow()   # retried on the next turn if interrupted
-            if time.monotonic() >= self.next_scan:
-                # due again only after an interval even if it fails (e.g. EMFILE): set
-                # after it, a failing scan made every poll time out at once, a busy loop
-                self.next_scan = time.monotonic() + self.scan_interval
-                self.scan()
         except (UfcramError, OSError) as e:
-            log.warning("node upkeep interrupted: %s", e)
+            log.warning("overflow relief interrupted: %s", e)
+            if getattr(e, "errno", None) == errno.ESRCH:
+                # a forked child has exited: reap it now. It failed every retry, and in
+                # the same try the scan that reaps it never ran: the node stayed closed
+                # and the handler spun on an overdue scan.
+                self.reap_exited()
+        if time.monotonic() >= self.next_scan:
+            # due again only after an interval even if it fails (e.g. EMFILE): set
+            # after it, a failing scan made every poll time out at once, a busy loop
+            self.next_scan = time.monotonic() + self.scan_interval
+            try:
+                self.scan()
+            except (UfcramError, OSError) as e:
+                log.warning("node upkeep interrupted: %s", e)
 
     def guarded(self, client, fn, *args):
         try:
@@ -147,14 +155,17 @@ class Handler:
     def scan(self):
         """Reap what no event told us about: forked children that have exited, and pool
         entries no page table refers to."""
-        for client in list(self.by_uffd.values()):
-            if client.parent is not None and not self.alive(client):
-                self.drop_client(client)
+        self.reap_exited()
         held = [r.table.entry for c in self.by_uffd.values() for r in c.regions.values()]
         orphans = self.pool.orphans(np.concatenate(held) if held else np.empty(0, np.int64))
         if len(orphans):
             log.warning("reaping %d orphaned pool entries", len(orphans))
             self.pool.free_many(orphans)
+
+    def reap_exited(self):
+        for client in list(self.by_uffd.values()):
+            if client.parent is not None and not self.alive(client):
+                self.drop_client(client)
 
     @staticmethod
     def alive(client):

@@ -1,0 +1,74 @@
+"""The stress module, bounded for CI: processes, threads, forks and capacity changes on
+one node find no wrong byte; and the fork race it found, pinned until it is fixed.
+"""
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ufcram
+from ufcram import PAGE_SIZE, Region
+from ufcram.stress import KINDS
+
+pytestmark = pytest.mark.timeout(150)
+MiB = 1 << 20
+
+
+def test_bounded_stress_run_finds_no_wrong_byte():
+    cmd = [sys.executable, "-m", "ufcram.stress", "--minutes", "0.4", "--processes", "2",
+           "--threads", "2", "--seed", "7", "--settle-forks", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=130)
+    assert done.stdout.strip(), f"no report; stderr ends with:\n{done.stderr[-3000:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["failures"] == [] and report["wrong_bytes"] == 0, report
+    assert all(report["ops"][kind] > 0 for kind in KINDS), report["ops"]
+    assert report["pages_demoted"] > 0 and report["restores"] > 0
+    assert done.returncode == 0
+
+
+def child_writes_every_page(a, trial):
+    """Fork; the child checks its bytes and writes every page. True if it answered."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: numpy only, then out
+        ok = bool((a[:, 0] == np.uint8(trial)).all())
+        a[:, 1] = 1
+        os.write(wfd, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(wfd)
+    ready, _, _ = select.select([rfd], [], [], 3.0)
+    answer = os.read(rfd, 1) if ready else b""
+    os.close(rfd)
+    if not answer:
+        os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    assert answer != b"0", "the child read wrong bytes"
+    return bool(answer)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: a child forked while a demotion of its parent is in flight inherits "
+    "those pages as DEMOTING (Client.fork copies the table) and nothing settles them "
+    "in the child: its first write to one is deferred forever (pager.fault)"))
+def test_child_forked_during_a_demotion_can_write_its_pages():
+    with ufcram.Node(capacity=1024 * MiB) as node:
+        r = Region(64 * MiB, node=node)
+        a = r.array(np.uint8, (r.nbytes // PAGE_SIZE, PAGE_SIZE))
+        try:
+            for trial in range(25):   # each fork lands in a batch in flight ~1 in 3
+                a[:, 0] = trial
+                demotion = threading.Thread(target=r.demote)
+                demotion.start()
+                time.sleep(0.05)      # well inside the demotion's batches
+                answered = child_writes_every_page(a, trial)
+                demotion.join()
+                assert answered, f"trial {trial}: the child hung on a write"
+        finally:
+            del a
+            r.close()
