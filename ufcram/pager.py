@@ -265,7 +265,7 @@ class Pager:
             rows = np.flatnonzero(~freed) if staged else []
             self.put_back(client, table, pages, before, rows, keep=~freed)
             for addr, length in spans.tolist():
-                client.uffd.writeprotect(addr, length, protect=False)
+                self.despite_events(client, client.uffd.writeprotect, addr, length, False)
             self.resolve_deferred()
             raise UffdError(-status, f"agent could not demote: {os.strerror(-status)}")
         handles = np.full(len(pages), -1, np.int64)
@@ -287,10 +287,22 @@ class Pager:
         the batch selected by `keep` return to their state before the demotion."""
         rows = np.asarray(rows, np.int64)
         if len(rows):
-            client.uffd.copy_many(table.base + pages[rows] * PAGE_SIZE,
-                                  client.staging_addr + rows * PAGE_SIZE)
+            self.despite_events(client, client.uffd.copy_many,
+                                table.base + pages[rows] * PAGE_SIZE,
+                                client.staging_addr + rows * PAGE_SIZE)
         for state in np.unique(before[keep]):
             table.set(pages[keep & (before == state)], state)
+
+    def despite_events(self, client, ioctl, *args):
+        """An ioctl that must go through: the kernel answers EAGAIN while an event is
+        unread, so read the client's events and try again. Pages staged for put-back
+        exist nowhere else: giving up here would lose them."""
+        for _ in range(1000):
+            try:
+                return ioctl(*args)
+            except UffdRetry:
+                self.serve_uffd(client)
+        return ioctl(*args)
 
     def await_agent(self, client):
         """The agent's reply, serving every client's faults meanwhile: the agent itself
