@@ -2,6 +2,7 @@
 and move the node's capacity at random, each against a reference copy of its memory.
 
     python -m ufcram.stress [--minutes N] [--processes P] [--threads T] [--seed S] [--json]
+                            [--settle-forks]
 
 Each worker process holds one region under a resident limit (eviction pressure). Its
 threads own disjoint pages and read (comparing every byte with the reference), write
