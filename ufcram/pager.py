@@ -209,11 +209,13 @@ class Pager:
         dirty = pages[(states == NORMAL) | (states == WRITABLE)]
         done = sum(self.drop_clean(client, region, chunk, runs)
                    for chunk, runs in batches(clean, DROP_BATCH, MAX_RUNS))
-        if len(dirty) and self.overflow.closed:
-            region.counters["refused_closed"] += len(dirty)
-            return done
-        return done + sum(self.demote_dirty(client, region, chunk, runs)
-                          for chunk, runs in batches(dirty, len(client.staging_pages), MAX_RUNS))
+        for chunk, runs in batches(dirty, len(client.staging_pages), MAX_RUNS):
+            if self.overflow.closed:   # also once a batch has filled the node
+                region.counters["refused_closed"] += len(dirty) - int(np.searchsorted(
+                    dirty, chunk[0]))
+                break
+            done += self.demote_dirty(client, region, chunk, runs)
+        return done
 
     def spans(self, table, runs):
         return np.stack((table.base + runs[:, 0] * PAGE_SIZE, runs[:, 1] * PAGE_SIZE), 1)
@@ -242,6 +244,7 @@ class Pager:
         table = region.table
         table.set(pages, DEMOTING)
         status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
+        self.settle_forks(client, region, pages, copied=None)
         freed = self.settle_freed(region, pages)
         # A page the drop missed is still mapped read-only; one it dropped faults back
         # from its entry. Both are right with the entry kept, so a failure loses nothing.
@@ -253,13 +256,14 @@ class Pager:
         return int((~freed).sum())
 
     def demote_dirty(self, client, region, pages, runs):
-        """Write-protect, copy out, drop (the agent); then store the copies. Pages the pool
-        refuses go straight back in their previous state: nothing is ever lost."""
+        """Write-protect, copy out, drop (the agent); then store the copies. Pages the full
+        pool refuses are stored over capacity and the node closes: nothing is ever lost."""
         table = region.table
         before = table.state[pages].copy()
         spans = self.spans(table, runs)
         table.set(pages, DEMOTING)
         status, staged = self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
+        self.settle_forks(client, region, pages, copied=bool(staged))
         freed = self.settle_freed(region, pages)
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
@@ -268,19 +272,65 @@ class Pager:
                 self.despite_events(client, client.uffd.writeprotect, addr, length, False)
             self.resolve_deferred()
             raise UffdError(-status, f"agent could not demote: {os.strerror(-status)}")
+        staged = client.staging_pages[:len(pages)]
         handles = np.full(len(pages), -1, np.int64)
-        handles[~freed] = self.pool.store_many(client.staging_pages[:len(pages)][~freed])
+        handles[~freed] = self.pool.store_many(staged[~freed])
+        refused = (handles < 0) & ~freed
+        if refused.any():
+            # The node is full: it closes, and overflow relief promotes pages over the
+            # next loop turns. The refused copies exist nowhere else, so they are kept
+            # over capacity rather than copied back now: that copy is an ioctl which
+            # every unread event refuses (EAGAIN), and a busy application can keep one
+            # unread for as long as we retry.
+            try:
+                handles[refused] = self.pool.store_many(staged[refused], over_capacity=True)
+            except MemoryError:   # not even that: the copies go back, as a last resort
+                log.warning("pool refused %d pages over capacity", int(refused.sum()))
+            region.counters["refused_full"] += int(refused.sum())
         stored = handles >= 0
+        back = np.flatnonzero(~stored & ~freed)
+        if len(back):
+            self.put_back(client, table, pages, before, back, keep=~stored & ~freed)
         table.entry[pages[stored]] = handles[stored]
         table.set(pages[stored], DEMOTED)
-        refused = np.flatnonzero(~stored & ~freed)
-        if len(refused):
-            self.put_back(client, table, pages, before, refused, keep=~stored & ~freed)
-            region.counters["refused_full"] += len(refused)
-        self.overflow.update(self.pool.mem_used_total, self.pool.capacity, bool(len(refused)))
-        region.counters["demotions"] += int(stored.sum())
+        self.overflow.update(self.pool.mem_used_total, self.pool.capacity, bool(refused.any()))
+        demoted = int((stored & ~refused).sum())   # refused ones are on their way back
+        region.counters["demotions"] += demoted
         self.resolve_deferred()
-        return int(stored.sum())
+        return demoted
+
+    def settle_forks(self, client, region, pages, copied):
+        """Children forked while pages were in flight copied them as DEMOTING, a state
+        only the end of this batch settles. A child's page is still mapped (forked
+        before the drop) or missing: a clean page (copied None) keeps its shared entry,
+        read-only; a dirty one gets the staged copy if there is one (copied True;
+        skipped where still mapped), as normal memory."""
+        for child, mirror in self.forked_during(client, region, pages):
+            in_flight = mirror.table.state[pages] == DEMOTING
+            freed = np.zeros(len(pages), bool)
+            freed[in_flight] = self.settle_freed(mirror, pages[in_flight])
+            settle = in_flight & ~freed
+            if copied is None:
+                mirror.table.set(pages[settle], READONLY)
+                continue
+            rows = np.flatnonzero(settle) if copied else []
+            if len(rows):
+                self.despite_events(child, child.uffd.copy_many,
+                                    mirror.table.base + pages[rows] * PAGE_SIZE,
+                                    client.staging_addr + rows * PAGE_SIZE)
+            mirror.table.set(pages[settle], NORMAL)
+
+    def forked_during(self, client, region, pages):
+        """(descendant client, its copy of region) for each holding any of pages in flight."""
+        for other in list(self.clients.values()):
+            ancestor = other.parent
+            while ancestor is not None and ancestor is not client:
+                ancestor = ancestor.parent
+            mirror = other.regions.get(region.id) if ancestor is client else None
+            if mirror is not None and mirror.table.base == region.table.base and \
+                    mirror.table.npages == region.table.npages and \
+                    (mirror.table.state[pages] == DEMOTING).any():
+                yield other, mirror
 
     def put_back(self, client, table, pages, before, rows, keep):
         """Reinstall staged copies (rows of the staging buffer) of pages; the pages of
@@ -328,9 +378,26 @@ class Pager:
         excess = region.limit.excess(region.table.resident - region.table.tally[DEMOTING])
         if excess <= 0 or client.agent is None:
             return 0
-        candidates = region.table.present()
-        candidates &= region.table.state != DEMOTING
-        return self.demote(client, region, np.sort(region.clock.coldest(candidates, excess)))
+        return self.demote(client, region, self.coldest(region, excess))
+
+    def enforce_client_limit(self, client):
+        """Past the client's own resident limit, demote the coldest pages of its largest
+        regions first."""
+        regions = sorted(client.regions.values(), key=lambda r: -r.table.resident)
+        excess = client.limit.excess(sum(
+            int(r.table.resident - r.table.tally[DEMOTING]) for r in regions))
+        for region in regions:
+            if excess <= 0 or client.agent is None:
+                break
+            chosen = self.coldest(region, excess)
+            excess -= len(chosen)
+            self.demote(client, region, chosen)
+
+    @staticmethod
+    def coldest(region, n):
+        """Up to n of region's resident pages, not in flight, coldest by its CLOCK; sorted."""
+        candidates = region.table.present() & (region.table.state != DEMOTING)
+        return np.sort(region.clock.coldest(candidates, n))
 
     def relieve_overflow(self):
         """While the node is closed: promote pages back to normal memory until the pool
@@ -354,18 +421,22 @@ class Pager:
         return count
 
     def promote_all(self, client, region, state):
+        """Pages of region in state (READONLY or DEMOTED) become normal memory, run by
+        run; a batch interrupted (EAGAIN) is redone whole, as installed pages are skipped."""
         table = region.table
         pages = table.pages_in_state(state)
-        for page in pages.tolist():
-            addr = table.address_of(page)
+        for chunk, runs in batches(pages, len(self.bounce), MAX_RUNS):
             if state == DEMOTED:
-                self.pool.load(int(table.entry[page]), out=self.bounce[0])
-                client.uffd.copy(addr, self.bounce_addr, PAGE_SIZE)
+                self.pool.load_many(table.entry[chunk], self.bounce[:len(chunk)])
+                client.uffd.copy_many(table.base + chunk * PAGE_SIZE,
+                                      self.bounce_addr + np.arange(len(chunk)) * PAGE_SIZE)
             else:
-                client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)
-            self.release(table, page)
-            table.set(page, NORMAL)
-        region.counters["promotions"] += len(pages)
+                for first, count in runs.tolist():
+                    client.uffd.writeprotect(table.address_of(first), count * PAGE_SIZE,
+                                             protect=False)
+            self.release(table, chunk)
+            table.set(chunk, NORMAL)
+            region.counters["promotions"] += len(chunk)
         return len(pages)
 
     def demote_excess_writable(self):

@@ -199,12 +199,13 @@ class Pool:
                                 f"used; this page needs a new 4 KiB page of arena memory")
         return int(self._record(lo, sz)[0])
 
-    def store_many(self, pages):
+    def store_many(self, pages, over_capacity=False):
         """Store the rows of a (n, 4096) uint8 array, in order; their handles (int64).
 
         A page that does not fit gets HANDLE_NONE and none of its bytes are stored (no
         exception); later pages are still tried, so one that fits (same-filled, or one for
-        a freed slot of its class) may be stored after a refused one.
+        a freed slot of its class) may be stored after a refused one. With over_capacity
+        every page is stored, past the capacity if need be (bytes that exist nowhere else).
         """
         self._own()
         pages = self._rows(pages)
@@ -215,7 +216,8 @@ class Pool:
         if True in flags:
             same[same] = (words[same] == words[same, :1]).all(axis=1)
             flags = same.tolist()
-        lo, sz, refused = self._place(memoryview(pages.reshape(-1)), flags, first.tolist())
+        lo, sz, refused = self._place(memoryview(pages.reshape(-1)), flags, first.tolist(),
+                                      limit=not over_capacity)
         if not refused:
             return self._record(lo, sz)
         ok = [i for i, n in enumerate(sz) if n >= 0]
@@ -223,7 +225,7 @@ class Pool:
         out[ok] = self._record([lo[i] for i in ok], [sz[i] for i in ok])
         return out
 
-    def _place(self, flat, same, first_words):
+    def _place(self, flat, same, first_words, limit=True):
         """Write pages (flat holds them back to back) into slots, in order: per page its
         location (the fill word if same-filled), stored size (-1: did not fit), and
         whether any page was refused."""
@@ -247,7 +249,7 @@ class Pool:
                 ftop[c] = top = top - 1
                 loc = stacks[c].item(top)
             else:
-                loc = slot(c)
+                loc = slot(c, limit)
             if loc < 0:
                 n, refused = -1, True
             else:
@@ -423,6 +425,10 @@ class Pool:
         """Physical use (arena_bytes + metadata) in O(1), for decisions on the fault path."""
         self._own()
         return self._arena_bytes + self._meta
+
+    def sizes(self, handles):
+        """Stored bytes of each entry (0: same-filled, held in its handle alone)."""
+        return self._size[np.asarray(handles, np.int64)]
 
     def orphans(self, held):
         """Live handles not among `held` (what the page tables refer to): entries nothing

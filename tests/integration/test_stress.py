@@ -52,10 +52,6 @@ def child_writes_every_page(a, trial):
     return bool(answer)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: a child forked while a demotion of its parent is in flight inherits "
-    "those pages as DEMOTING (Client.fork copies the table) and nothing settles them "
-    "in the child: its first write to one is deferred forever (pager.fault)"))
 def test_child_forked_during_a_demotion_can_write_its_pages():
     with ufcram.Node(capacity=1024 * MiB) as node:
         r = Region(64 * MiB, node=node)
