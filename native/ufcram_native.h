@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <sys/mman.h>
 #include "uffd_compat.h"
+#include "protocol.h"
 
 #define UFC_PAGE_SIZE 4096
 #define UFC_MAX_FDS 8

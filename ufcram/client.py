@@ -57,6 +57,8 @@ class Client:
         self.staging_pages = None
         self.staging_addr = 0
         self.regions = {}
+        self.limit = ResidentLimit(None)   # over all regions (LIMITS), besides each one's
+        self.retired = dict.fromkeys(COUNTERS, 0)   # counters of the regions it released
         self.expected_removes = set()   # (start, end) of the agent's own drops in flight
         self.next_region = 1
         self._starts = np.empty(0, np.uint64)
@@ -131,9 +133,18 @@ class Client:
         return region
 
     def remove_region(self, rid):
-        self.region(rid)
+        for key, value in self.region(rid).counters.items():
+            self.retired[key] += value
         del self.regions[rid]
         self._index()
+
+    def counters(self):
+        """Counters over the client's whole life: its regions, live and released."""
+        total = dict(self.retired)
+        for region in self.regions.values():
+            for key, value in region.counters.items():
+                total[key] += value
+        return total
 
     def adopt(self, table, like):
         """A part of region `like` that mremap moved elsewhere becomes a region of its

@@ -4,6 +4,7 @@ faults and events go to the pager, requests are answered here.
 """
 import argparse
 import errno
+import faulthandler
 import logging
 import os
 import select
@@ -21,17 +22,20 @@ from .client import Client
 from .errors import HandlerError, ProtocolError, UfcramError, UffdError
 from .pagetable import NO_ENTRY, PAGE_SIZE
 from .pager import POLLIN, Pager
-from .policy import Overflow, exposed_pages
+from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
 from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
 
 log = logging.getLogger("ufcram.handler")
+DEPARTED = ("clients", "faults", "demotions", "clean_redemotions", "restores", "promotions",
+            "zero_fills")
 
 
 class Handler:
-    def __init__(self, pool, listener=None):
+    def __init__(self, pool, listener=None, persist=False):
         self.pool = pool
         self.listener = listener
+        self.persist = persist   # serve on with no client (a node programs come and go on)
         self.clients = {}      # control socket fd -> Client
         self.by_uffd = {}      # uffd fd -> Client (forked children have no socket)
         self.poller = select.poll()
@@ -45,9 +49,11 @@ class Handler:
         self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
+        self.departed = dict.fromkeys(DEPARTED, 0)
         self.requests = {P.HELLO: self.hello, P.REGISTER: self.register,
                          P.UNREGISTER: self.unregister, P.DEMOTE: self.demote_range,
-                         P.STATS: self.stats, P.SET_CAPACITY: self.set_capacity}
+                         P.STATS: self.stats, P.SET_CAPACITY: self.set_capacity,
+                         P.LIMITS: self.limits}
         if listener is not None:
             self.poller.register(listener.fileno(), POLLIN)
 
@@ -85,14 +91,15 @@ class Handler:
             self.poller.unregister(client.conn.fileno())
         if client.ready and self.by_uffd.pop(client.uffd.fd, None):
             self.poller.unregister(client.uffd.fd)
+            self.count_departed(client)   # here: once per client, however often dropped
         self.touched = {t for t in self.touched if t[0] is not client}
         client.close()
         if self.listener is not None:   # a descriptor is free again (see accept_client)
             self.poller.register(self.listener.fileno(), POLLIN)
 
     def run(self):
-        """Serve until the last client has gone."""
-        while self.clients:
+        """Serve until the last client has gone (or for good, if persistent)."""
+        while self.clients or self.persist:
             for fd, _ in self.wait():
                 if fd in self.by_uffd:
                     self.drain_uffd(self.by_uffd[fd])
@@ -124,6 +131,8 @@ class Handler:
                 region = client.regions.get(rid)
                 if region is not None and client.ready:
                     self.guarded(client, self.pager.enforce_limit, client, region)
+            for client in {c for c, _ in touched if c.limit.pages is not None and c.ready}:
+                self.guarded(client, self.pager.enforce_client_limit, client)
         try:
             if self.overflow.closed:
                 self.pager.relieve_overflow()   # retried on the next turn if interrupted
@@ -195,7 +204,7 @@ class Handler:
             op, seq, payload = P.decode(frame)
             if fds and op != P.HELLO:
                 raise ProtocolError(f"op {op} carries descriptors")
-            if op != P.HELLO and not client.ready:
+            if op != P.HELLO and not client.ready and not self.observes(op, payload):
                 raise ProtocolError(f"op {op} before HELLO")
             handler = self.requests.get(op)
             if handler is None:
@@ -245,6 +254,12 @@ class Handler:
         client.remove_region(rid)
         return P.COUNT.pack(restored)
 
+    def limits(self, client, fds, resident_limit):
+        """A resident limit over all the client's regions: what `ufcram run` sets for a
+        program whose allocations each become a region of their own."""
+        client.limit = ResidentLimit(None if resident_limit == P.NO_LIMIT else resident_limit)
+        return b""
+
     def demote_range(self, client, fds, rid, offset, length):
         region = client.region(rid)
         first, last = region.table.page_range(offset, length)
@@ -261,22 +276,24 @@ class Handler:
         if rid != P.NODE:
             return P.json_payload(client.region(rid).stats())
         pool = self.pool.stats()
-        return P.json_payload({
-            **pool, "clients": len(self.clients), "node_closed": self.overflow.closed,
-            "overflow_events": self.overflow.events,
+        return self.node_stats_payload({
+            **pool, "clients": sum(c.ready for c in self.clients.values()),   # not observers
+            "node_closed": self.overflow.closed, "overflow_events": self.overflow.events,
             "exposed_pages": exposed_pages(self.pool.capacity, pool["pages_stored"],
                                            pool["compr_data_size"]),
-            "writable_pages": self.pager.writable_total(),
-            "per_client": [self.client_stats(c) for c in self.by_uffd.values()]})
+            "writable_pages": self.pager.writable_total(), "departed": self.departed})
 
-    @staticmethod
-    def client_stats(client):
+    def client_stats(self, client):
         tallies = [r.stats() for r in client.regions.values()]
-        return {"pid": client.pid, "forked": client.parent is not None,
-                "regions": len(tallies),
+        budgets = [t["write_budget"] for t in tallies]
+        counters = client.counters()
+        return {"pid": client.pid, "name": self.process_name(client.pid),
+                "forked": client.parent is not None, "regions": len(tallies),
                 **{k: sum(t[k] for t in tallies) for k in
-                   ("pages", "resident", "normal", "readonly", "writable", "demoted",
-                    "demotions", "clean_redemotions", "restores", "promotions")}}
+                   ("pages", "resident", "normal", "readonly", "writable", "demoted")},
+                **{k: counters[k] for k in DEPARTED if k != "clients"},
+                **self.held_entries(client),
+                "write_budget": "auto" if "auto" in budgets else sum(budgets)}
 
     # --- faults and events -----------------------------------------------------------
     def drain_uffd(self, client):
@@ -292,7 +309,8 @@ class Handler:
                 if event == EVENT_PAGEFAULT:
                     region = self.pager.fault(client, a1 & ~(PAGE_SIZE - 1), a0,
                                               a2 & 0xFFFFFFFF)
-                    if region is not None and region.limit.pages is not None:
+                    if region is not None and (region.limit.pages is not None or
+                                               client.limit.pages is not None):
                         self.touched.add((client, region.id))
                 else:
                     child = events.dispatch(self.pager, client, event, a0, a1, a2)
@@ -303,6 +321,60 @@ class Handler:
                 # faults that met EAGAIN (those on pages in flight wait again)
                 return self.pager.resolve_deferred()
 
+    # --- node statistics (STATS of the NODE) -------------------------------------------
+    @staticmethod
+    def observes(op, payload):
+        """STATS of the NODE is allowed before HELLO: `ufcram stat` observes a node
+        without becoming a memory client (it has no uffd, agent or regions)."""
+        return op == P.STATS and payload == P.pack_request(P.STATS, P.NODE)
+
+    def node_stats_payload(self, summary, most=200):
+        """The NODE reply: summary and the largest clients (resident + demoted), at most
+        `most` and as many as fit one frame; the rest are counted in clients_omitted."""
+        ranked = sorted(self.by_uffd.values(), key=self.footprint, reverse=True)
+        listed = [self.client_stats(c) for c in ranked[:most]]
+        room = P.MAX_FRAME - P.HEADER.size
+        while True:
+            payload = P.json_payload({**summary, "per_client": listed,
+                                      "clients_omitted": len(ranked) - len(listed)})
+            if len(payload) <= room or not listed:
+                return payload
+            # entries are about the same size: cut in proportion, at least one
+            listed = listed[:min(len(listed) * room // len(payload), len(listed) - 1)]
+
+    @staticmethod
+    def footprint(client):
+        """Pages resident or demoted: how much memory the client stands for."""
+        return sum(r.table.resident + r.table.counts()["demoted"]
+                   for r in client.regions.values())
+
+    def held_entries(self, client):
+        """The pool entries the client's regions refer to: how many, how many same-filled,
+        their compressed bytes. A forked child shares its parent's entries: both count
+        them. The sizes come from the pool's per-entry array (-1 free, 0 same-filled)."""
+        held = [r.table.entry[r.table.entry != NO_ENTRY] for r in client.regions.values()]
+        sizes = self.pool.sizes(np.concatenate(held) if held else np.empty(0, np.int64))
+        return {"stored_pages": len(sizes), "same_pages": int(np.count_nonzero(sizes == 0)),
+                "compr_bytes": int(sizes[sizes > 0].sum(dtype=np.int64))}
+
+    @staticmethod
+    def process_name(pid):
+        """The client's command name (/proc/PID/comm); "?" once it has gone, and for a
+        forked child, whose pid the handler never learns."""
+        try:
+            with open(f"/proc/{pid}/comm", errors="replace") as f:
+                return f.read().rstrip("\n") or "?"
+        except OSError:
+            return "?"
+
+    def count_departed(self, client):
+        """Counters summed over every client that has left (drop_client): a summary read
+        after its program has exited still has the program's totals."""
+        self.departed["clients"] += 1
+        counters = client.counters()
+        for key in DEPARTED[1:]:
+            self.departed[key] += counters[key]
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ufcram.handler",
@@ -312,17 +384,27 @@ def main(argv=None):
     parser.add_argument("--listen", metavar="PATH",
                         help="also accept clients on this Unix socket (mode 0600)")
     parser.add_argument("--capacity", type=int, help="pool capacity in bytes")
+    parser.add_argument("--persist", action="store_true",
+                        help="keep serving when no client is left (needs --listen)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, format="ufcram handler: %(message)s",
                         level=logging.DEBUG if config.get("UFCRAM_DEBUG") else logging.WARNING)
     # Ctrl-C meant for the application must not take its memory away: the handler
     # leaves when its last client does.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1)   # `kill -USR1` shows where a handler is stuck
     capacity = args.capacity if args.capacity is not None else config.get("UFCRAM_NODE_CAPACITY")
     listener = listen(args.listen) if args.listen else None
-    handler = Handler(Pool(capacity), listener)
+    handler = Handler(Pool(capacity), listener, persist=args.persist and listener is not None)
     for fd in args.fd:
         handler.add_client(socket.socket(fileno=fd))
+    if handler.persist:
+        # a persistent node leaves on Ctrl-C or SIGTERM, but only once its clients have:
+        # their memory is on it
+        def drain(signum, frame):
+            handler.persist = False
+        signal.signal(signal.SIGINT, drain)
+        signal.signal(signal.SIGTERM, drain)
     try:
         handler.run()
     finally:

@@ -6,24 +6,27 @@ import os
 import socket
 import struct
 
+from ._shim import lib
 from .errors import ProtocolError
 
 MAGIC = b"UFCR"
-VERSION = 1
+VERSION = lib.UFC_PROTO_VERSION
 HEADER = struct.Struct("<4sHHII")   # magic, version, op, seq, payload length
-MAX_FRAME = 64 * 1024
-MAX_FDS = 4
+MAX_FRAME = lib.UFC_PROTO_MAX_FRAME
+MAX_FDS = lib.UFC_PROTO_MAX_FDS
 
-# requests
-HELLO = 1        # fds: uffd, agent socket, staging memfd; payload: staging bytes, agent tid
-REGISTER = 2     # start, length, resident limit, write budget -> region id
-UNREGISTER = 3   # region id, restore flag -> pages restored
-DEMOTE = 4       # region id, offset, length -> pages demoted
-STATS = 5        # region id (or NODE) -> JSON
-SET_CAPACITY = 6  # node capacity in bytes
+# requests (numbered in native/protocol.h, which the preload library speaks too)
+HELLO = lib.UFC_PROTO_HELLO                # fds: uffd, agent socket, staging memfd;
+                                           # payload: staging bytes, agent tid
+REGISTER = lib.UFC_PROTO_REGISTER          # start, length, resident limit, budget -> id
+UNREGISTER = lib.UFC_PROTO_UNREGISTER      # region id, restore flag -> pages restored
+DEMOTE = lib.UFC_PROTO_DEMOTE              # region id, offset, length -> pages demoted
+STATS = lib.UFC_PROTO_STATS                # region id (or NODE) -> JSON
+SET_CAPACITY = lib.UFC_PROTO_SET_CAPACITY  # node capacity in bytes
+LIMITS = lib.UFC_PROTO_LIMITS              # the client's resident limit, all regions
 # replies
-OK = 100
-ERROR = 101
+OK = lib.UFC_PROTO_OK
+ERROR = lib.UFC_PROTO_ERROR
 
 NODE = 0xFFFFFFFF
 NO_LIMIT = (1 << 64) - 1   # REGISTER: no resident limit
@@ -36,6 +39,7 @@ PAYLOADS = {
     DEMOTE: struct.Struct("<IQQ"),
     STATS: struct.Struct("<I"),
     SET_CAPACITY: struct.Struct("<Q"),
+    LIMITS: struct.Struct("<Q"),        # 2**64-1: none
 }
 COUNT = struct.Struct("<Q")
 ERRNO = struct.Struct("<i")
