@@ -1,4 +1,17 @@
-# Only here because cffi's build hook is a setup() keyword; metadata is in pyproject.toml.
-from setuptools import setup
+# Only here because cffi's build hook is a setup() keyword, and the preload library is
+# a plain C extension (never imported: `ufcram run` puts it in LD_PRELOAD). Metadata is
+# in pyproject.toml.
+from setuptools import Extension, setup
 
-setup(cffi_modules=["native/build_shim.py:ffibuilder"])
+preload = Extension(
+    "ufcram._preload",
+    sources=["native/preload.c", "native/nodelink.c", "native/uffd.c", "native/agent.c"],
+    include_dirs=["native"],
+    # hidden: only the allocator it interposes is exported, so its copy of the shim
+    # never shadows ufcram._shim in a Python program run under it
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11",
+                        "-fvisibility=hidden"],
+    libraries=["pthread", "dl"],
+)
+
+setup(cffi_modules=["native/build_shim.py:ffibuilder"], ext_modules=[preload])

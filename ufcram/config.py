@@ -45,6 +45,17 @@ SETTINGS = {s.name: s for s in (
             "open userfaultfd with UFFD_USER_MODE_ONLY (no grant needed; system calls "
             "touching demoted pages then fail with EFAULT)"),
     Setting("UFCRAM_DEBUG", "0/1", 0, "log handler decisions to stderr"),
+    Setting("UFCRAM_NODE", "path", "none",
+            "socket of a running node (`ufcram node`) that `ufcram run` and the preload "
+            "library join; `ufcram run` starts a private node when it is unset"),
+    Setting("UFCRAM_THRESHOLD", "bytes", 1048576,
+            "preload library: allocations and private anonymous mappings larger than "
+            "this go to the node; smaller ones stay libc's"),
+    Setting("UFCRAM_RESIDENT_LIMIT", "bytes", "none",
+            "preload library: resident limit over all of a program's managed memory; "
+            "past it the node demotes the coldest pages"),
+    Setting("UFCRAM_WRITE_BUDGET", "pages or auto", "auto",
+            "preload library: write budget of each managed allocation"),
 )}
 
 
