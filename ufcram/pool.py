@@ -77,6 +77,7 @@ class Pool:
         self._free_handles = np.empty(0, np.int32)
         self._handles_issued = self._handles_free = 0
         self._size_histogram = np.zeros(PAGE_SIZE + 1, np.int64)
+        self._percentiles = {}   # q -> ratio, until the histogram changes (write faults ask)
         self._meta += self._size_histogram.nbytes
         self._arena_bytes = self._peak = self._compacted = 0
 
@@ -279,6 +280,7 @@ class Pool:
         sizes = np.fromiter(sz, np.int64, k)
         self._location[h], self._size[h] = lo, sizes
         np.add.at(self._size_histogram, sizes, 1)
+        self._percentiles.clear()
         self._peak = max(self._peak, self._arena_bytes + self._meta)
         return h
 
@@ -458,6 +460,12 @@ class Pool:
         if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) \
                 or not 0 <= q <= 100:
             raise PoolError(f"percentile must be a number in [0, 100], got {q!r}")
+        ratio = self._percentiles.get(q)
+        if ratio is None:
+            ratio = self._percentiles[q] = self._percentile(q)
+        return ratio
+
+    def _percentile(self, q):
         total = int(self._size_histogram.sum())
         if not total:
             return 1.0
