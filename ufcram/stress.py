@@ -253,6 +253,7 @@ def collect(proc, timeout):
 
 
 def threads_in_faults(pid):
+    """How many threads of pid the kernel holds in handle_userfault right now."""
     count = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:

@@ -6,6 +6,7 @@ import threading
 import numpy as np
 
 from ufcram._shim import lib
+from ufcram.stress import threads_in_faults
 from ufcram.uffd import MSG_DTYPE, PAGE_SIZE, address_of
 
 
@@ -68,14 +69,7 @@ def page_addr(msg):
 
 def threads_blocked_in_faults():
     """How many of our threads the kernel holds in handle_userfault right now."""
-    count = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/wchan") as f:
-                count += f.read() == "handle_userfault"
-        except OSError:
-            pass
-    return count
+    return threads_in_faults(os.getpid())
 
 
 def wait_for_blocked(n, timeout=10.0):

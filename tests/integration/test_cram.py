@@ -53,6 +53,10 @@ def test_read_fault_maps_read_only_and_keeps_the_entry(node):
     s = r.stats()
     assert (s["readonly"], s["demoted"], s["restores"]) == (8, 0, 8)
     assert node.stats()["pages_stored"] == stored + 8     # entries kept while mapped R/O
+    faults = r.stats()["faults"]
+    a[3, 0] ^= 0xFF                                       # the kernel really maps it R/O:
+    assert r.stats()["faults"] == faults + 1              # a write faults, exactly once
+    assert r.stats()["readonly"] == 7
     del a
     r.close()
 
