@@ -21,6 +21,14 @@ def _default_capacity():
     return psutil.virtual_memory().total // 4
 
 
+# computed defaults: a share (or multiple) of this machine's physical memory
+COMPUTED = {
+    "UFCRAM_NODE_CAPACITY": _default_capacity,
+    # more than a node can compress into RAM, yet page tables of at most ~1% of RAM
+    "UFCRAM_MAX_CLIENT_BYTES": lambda: psutil.virtual_memory().total * 4,
+}
+
+
 SETTINGS = {s.name: s for s in (
     Setting("UFCRAM_NODE_CAPACITY", "bytes", "25% of physical RAM",
             "physical capacity of a node's compressed pool"),
@@ -38,7 +46,7 @@ SETTINGS = {s.name: s for s in (
             "how often the handler reaps exited forked children and orphaned pool entries"),
     Setting("UFCRAM_MAX_REGIONS", "regions", 4096,
             "most regions one client may register on a node (0: no limit)"),
-    Setting("UFCRAM_MAX_CLIENT_BYTES", "bytes", 0,
+    Setting("UFCRAM_MAX_CLIENT_BYTES", "bytes", "4 x physical RAM",
             "most bytes one client may register on a node in all (0: no limit); the "
             "handler's page tables cost about 11 bytes per registered page"),
     Setting("UFCRAM_USER_MODE_ONLY", "0/1", 0,
@@ -64,7 +72,7 @@ def get(name, parse=int):
     setting = SETTINGS[name]
     raw = os.environ.get(name)
     if raw is None or raw == "":
-        return _default_capacity() if name == "UFCRAM_NODE_CAPACITY" else setting.default
+        return COMPUTED[name]() if name in COMPUTED else setting.default
     try:
         value = parse(raw)
     except ValueError:
