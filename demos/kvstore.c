@@ -1,5 +1,6 @@
 /* kvstore: a read-mostly in-memory key-value index, a ufcram demo (see README.md).
- * An open-addressing hash table of 64-byte records; skewed lookups with ~1% updates. */
+ * An open-addressing hash table of 64-byte records, bulk-loaded in slot order; skewed
+ * lookups with ~1% updates. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,8 +97,9 @@ static void insert(struct rec *tab, size_t cap, uint64_t key, uint64_t seed)
  * order, so the table is written front to back once instead of at random (a random
  * insert into a table larger than the resident limit faults on nearly every key).
  * Taking the keys in home order, each goes to the first free slot at or after its
- * home, which is exactly where linear probing looks for it. The keys come from the
- * random stream twice (count, then scatter) rather than from a third array. */
+ * home, which is exactly where linear probing looks for it. The keys are drawn from the
+ * random stream twice (count, then scatter) rather than kept in another array as large
+ * as `sorted`, which would be more memory to demote. */
 #define PAGE_RECS 64
 static void bulk_load(struct rec *tab, size_t cap, size_t nkeys, uint64_t seed, uint64_t *rng)
 {
@@ -178,7 +180,7 @@ int main(int argc, char **argv)
     size_t cap = (size_t)(mib << 20) / sizeof(struct rec);
     size_t nkeys = cap / 10 * 7;    /* load factor 0.7 keeps linear probe chains short */
     if (!ops)
-        ops = 2 * nkeys;
+        ops = nkeys / 2;    /* cold lookups fault under a resident limit: keep it short */
     struct rec *tab = calloc(cap, sizeof *tab);
     if (!tab) {
         perror("kvstore: calloc");
