@@ -17,18 +17,19 @@ from .uffd import Uffd, address_of
 
 
 _LIVE = weakref.WeakSet()
-_KEPT = []   # uffds kept open after their handler failed (see close)
+# uffds kept open after their handler failed (see close), for the life of the process:
+# closing one would turn the pages lost with the handler into zeros. The agent thread
+# serves them (native/agent.c, fallback), so unmapping at exit does not wait.
+_KEPT = []
 
 
 @atexit.register
 def _close_at_exit():
-    """Close every uffd before interpreter teardown unmaps regions: with the uffd gone
-    the kernel sends no UNMAP events, so exit never waits on a handler."""
+    """Close every live uffd before interpreter teardown unmaps regions: with the uffd
+    gone the kernel sends no UNMAP events, so exit never waits on a handler."""
     for conn in list(_LIVE):
         if conn.pid == os.getpid():
             conn.close()
-    for uffd in _KEPT:
-        uffd.close()
 
 
 class Connection:
@@ -38,6 +39,9 @@ class Connection:
         self.describe_handler = describe_handler
         self.lock = threading.Lock()
         self.seq = 0
+        # the socket hung up: the handler is gone (or let us go), and the agent thread
+        # now serves the uffd itself
+        self.handler_gone = False
         self.uffd = Uffd.open()
         self.staging = self._start_agent()
         _LIVE.add(self)
@@ -81,8 +85,11 @@ class Connection:
                     self.sock.send(frame)
                 data = P.recv_frame(self.sock)
             except OSError as e:
+                # a timeout is no hang-up: that handler may still be reading the uffd
+                self.handler_gone |= isinstance(e, ConnectionError)
                 raise HandlerError(f"{self.describe_handler()} is unreachable: {e}") from e
             if not data:
+                self.handler_gone = True
                 raise HandlerError(f"{self.describe_handler()} has gone away")
             rop, rseq, body = P.decode(data)
             if rseq != self.seq:
@@ -100,8 +107,10 @@ class Connection:
 
     def close(self, keep_uffd=False):
         _LIVE.discard(self)
-        self.sock.close()
+        # The uffd before the socket: the agent thread holds the uffd too, and when the
+        # handler hangs up it takes over serving it unless this descriptor is closed.
         if keep_uffd:
             _KEPT.append(self.uffd)
         else:
             self.uffd.close()
+        self.sock.close()

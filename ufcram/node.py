@@ -33,6 +33,10 @@ class Node:
         if path is not None:
             cmd += ["--listen", os.fspath(path)]
         env = dict(os.environ)
+        # a handler serving its own allocations from itself would deadlock on its first
+        # fault: it never runs under the preload library, even if this process does
+        env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":")
+                                     if p and "ufcram/_preload" not in p)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env)
         theirs.close()
@@ -104,17 +108,23 @@ class Node:
         if self.closed:
             return
         released = False
+        failure = None
         try:
             for region in list(self.regions):
-                region.close()
-            released = True
+                try:
+                    region.close()
+                except HandlerError as e:   # the others are still let go
+                    failure = failure or e
+            released = failure is None
         finally:
             # Closing the uffd while a region may still hold demoted pages would make
             # them read as zeros: if the handler could not release them, keep it open
-            # so such an access blocks visibly instead.
+            # so such an access fails visibly instead.
             self.connection.close(keep_uffd=not released)
             self.connection = None
             self._reap()
+        if failure is not None:
+            raise failure
 
     def _reap(self):
         if self.process is None:

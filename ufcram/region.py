@@ -15,9 +15,9 @@ from .protocol import AUTO_BUDGET, NO_LIMIT
 from .uffd import address_of
 
 
-# Mappings of regions whose handler died. Unmapping them would wait forever on the
-# handler, and unregistering them would turn lost pages into silent zeros: they stay
-# mapped, and an access to a lost page blocks where it can be seen.
+# Mappings of regions whose handler stopped answering without hanging up: unmapping
+# them would wait on it for as long as it lives. Unregistering them would turn lost
+# pages into silent zeros. They stay mapped while this process lives.
 _UNRELEASED = []
 
 
@@ -114,12 +114,21 @@ class Region:
         self.closed = True
         self.node.regions.discard(self)
         # munmap of a registered range waits until the handler reads the UNMAP event:
-        # make sure it is there first, or fail loudly and leave the memory mapped
+        # make sure it is there first, or fail loudly
         try:
             conn.call(P.STATS, self.id)
-        except HandlerError:
-            _UNRELEASED.append(self._mm)   # never unmapped while this process lives
-            raise
+        except HandlerError as e:
+            if not conn.handler_gone:
+                _UNRELEASED.append(self._mm)
+                raise
+            # Hung up: the agent thread reads the events now, so the unmap returns. The
+            # range is never unregistered: with views alive, lost pages raise SIGBUS.
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            raise HandlerError(f"{e}; the region is closed, and the pages the node held "
+                               "for it are lost") from e
         try:
             self._mm.close()
             restore = False
