@@ -310,8 +310,12 @@ static void managed_release(const struct block *b, int restore)
 	} unreg = { b->rid, (uint8_t)restore };
 	char why[256];
 	if (ufc_link_request(&pl.link, UFC_PROTO_UNREGISTER, &unreg, sizeof(unreg), NULL, why,
-			     sizeof(why)))
+			     sizeof(why))) {
+		/* Its pages were not restored (the handler may be gone): unregistering would
+		 * turn the demoted ones into zeros. Registered, they fault loudly instead. */
 		debug("ufcram: releasing a region: %s\n", why);
+		return;
+	}
 	if (restore)
 		ufc_uffd_unregister(pl.link.uffd, b->base, b->len);
 }
