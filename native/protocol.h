@@ -17,6 +17,7 @@
 #define UFC_PROTO_STATS 5        /* region id (or NODE) -> JSON */
 #define UFC_PROTO_SET_CAPACITY 6 /* node capacity in bytes */
 #define UFC_PROTO_LIMITS 7       /* the client's resident limit over all its regions */
+#define UFC_PROTO_PING 8         /* is the handler there and reading? (no payload) */
 /* replies */
 #define UFC_PROTO_OK 100
 #define UFC_PROTO_ERROR 101

@@ -53,7 +53,7 @@ class Handler:
         self.requests = {P.HELLO: self.hello, P.REGISTER: self.register,
                          P.UNREGISTER: self.unregister, P.DEMOTE: self.demote_range,
                          P.STATS: self.stats, P.SET_CAPACITY: self.set_capacity,
-                         P.LIMITS: self.limits}
+                         P.LIMITS: self.limits, P.PING: self.ping}
         if listener is not None:
             self.poller.register(listener.fileno(), POLLIN)
 
@@ -253,6 +253,9 @@ class Handler:
         self.pager.release(region.table, np.flatnonzero(region.table.entry != NO_ENTRY))
         client.remove_region(rid)
         return P.COUNT.pack(restored)
+
+    def ping(self, client, fds):
+        return b""
 
     def limits(self, client, fds, resident_limit):
         """A resident limit over all the client's regions: what `ufcram run` sets for a

@@ -24,6 +24,7 @@ DEMOTE = lib.UFC_PROTO_DEMOTE              # region id, offset, length -> pages 
 STATS = lib.UFC_PROTO_STATS                # region id (or NODE) -> JSON
 SET_CAPACITY = lib.UFC_PROTO_SET_CAPACITY  # node capacity in bytes
 LIMITS = lib.UFC_PROTO_LIMITS              # the client's resident limit, all regions
+PING = lib.UFC_PROTO_PING                  # is the handler there? (no payload)
 # replies
 OK = lib.UFC_PROTO_OK
 ERROR = lib.UFC_PROTO_ERROR
@@ -40,6 +41,7 @@ PAYLOADS = {
     STATS: struct.Struct("<I"),
     SET_CAPACITY: struct.Struct("<Q"),
     LIMITS: struct.Struct("<Q"),        # 2**64-1: none
+    PING: struct.Struct("<"),
 }
 COUNT = struct.Struct("<Q")
 ERRNO = struct.Struct("<i")

@@ -116,7 +116,7 @@ class Region:
         # munmap of a registered range waits until the handler reads the UNMAP event:
         # make sure it is there first, or fail loudly
         try:
-            conn.call(P.STATS, self.id)
+            conn.call(P.PING)
         except HandlerError as e:
             if not conn.handler_gone:
                 _UNRELEASED.append(self._mm)

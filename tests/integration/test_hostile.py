@@ -278,7 +278,7 @@ MALFORMED = {
     "far oversized": bytes(200_000),   # about the most a SEQPACKET send takes
     "empty": b"",
     **{f"op {op} payload short": P.encode(op, 1, bytes(size.size - 1))
-       for op, size in P.PAYLOADS.items()},
+       for op, size in P.PAYLOADS.items() if size.size},
     **{f"op {op} payload long": P.encode(op, 1, bytes(size.size + 3))
        for op, size in P.PAYLOADS.items()},
     **{f"op {op} before HELLO": P.encode(op, 1, bytes(size.size))
@@ -666,9 +666,17 @@ def test_registered_bytes_limit_is_clear(limited):
     big.close()
 
 
-def test_absurd_region_without_a_byte_limit_is_an_error(tmp_path):
+def test_absurd_region_without_a_byte_limit_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("UFCRAM_MAX_CLIENT_BYTES", "0")   # no quota: the handler's own check
     with ufcram.Node(capacity=16 * MiB, path=tmp_path / "n.sock") as node:
         with pytest.raises(ufcram.HandlerError, match="no memory in the handler"):
             node.connection.count(P.REGISTER, 1 << 52, 1 << 62, P.NO_LIMIT, 0)
         with Region(PAGE_SIZE, node=node) as r:      # the client was not dropped
             assert r.stats()["pages"] == 1
+
+
+def test_the_default_quota_refuses_an_absurd_region(tmp_path, monkeypatch):
+    monkeypatch.delenv("UFCRAM_MAX_CLIENT_BYTES", raising=False)
+    with ufcram.Node(capacity=16 * MiB, path=tmp_path / "n.sock") as node:
+        with pytest.raises(ufcram.HandlerError, match="UFCRAM_MAX_CLIENT_BYTES"):
+            node.connection.count(P.REGISTER, 1 << 52, 1 << 62, P.NO_LIMIT, 0)
