@@ -191,7 +191,10 @@ class Handler:
         try:
             frame, fds = P.recv_frame(client.conn, with_fds=True)
         except (ProtocolError, OSError) as e:
-            log.warning("client pid %d: %s; dropping it", client.pid, e)
+            # a process that exits with a request unanswered resets its socket: that is
+            # how programs under `ufcram run` leave, not a fault worth a warning
+            level = logging.DEBUG if isinstance(e, ConnectionResetError) else logging.WARNING
+            log.log(level, "client pid %d: %s; dropping it", client.pid, e)
             return self.drop_client(client)
         if not frame:
             P.close_all(fds)
