@@ -2,7 +2,6 @@
 and move the node's capacity at random, each against a reference copy of its memory.
 
     python -m ufcram.stress [--minutes N] [--processes P] [--threads T] [--seed S] [--json]
-                            [--settle-forks]
 
 Each worker process holds one region under a resident limit (eviction pressure). Its
 threads own disjoint pages and read (comparing every byte with the reference), write
@@ -53,8 +52,7 @@ def page_content(rng):
 class Worker:
     """One process's region, its reference copy, and the tallies of its threads."""
 
-    def __init__(self, node, threads, seed, settle_forks=False):
-        self.settle_forks = settle_forks
+    def __init__(self, node, threads, seed):
         self.rng = np.random.default_rng(seed)
         self.node = node
         self.region = Region(PAGES * PAGE_SIZE, node=node,
@@ -134,12 +132,6 @@ class Worker:
         r, w = os.pipe()
         for lock in self.locks:
             lock.acquire()
-        if self.settle_forks:
-            # Known bug: a child forked while a demotion of ours is in flight waits
-            # forever on its first write to those pages. Our threads are stopped, so
-            # the second round trip finds no eviction of theirs still running.
-            self.region.stats()
-            self.region.stats()
         try:
             pid = os.fork()
             if pid == 0:   # the child: no locks, no printing, no node requests
@@ -198,10 +190,10 @@ class Worker:
         self.counts["restores"] += stats["restores"]
 
 
-def work(path, seconds, threads, seed, settle_forks):
+def work(path, seconds, threads, seed):
     """One worker process; returns its report."""
     node = Node.connect(path)
-    w = Worker(node, threads, seed, settle_forks)
+    w = Worker(node, threads, seed)
     workers = [threading.Thread(target=w.thread, args=(t, seed * 100 + t), daemon=True)
                for t in range(threads)]
     for t in workers:
@@ -218,17 +210,15 @@ def work(path, seconds, threads, seed, settle_forks):
 
 
 # --- the coordinator -----------------------------------------------------------------------
-def run(minutes, processes, threads, seed, settle_forks=False):
+def run(minutes, processes, threads, seed):
     """Start a node and the worker processes; returns the combined report."""
     seconds = minutes * 60
-    extra = ["--settle-forks"] if settle_forks else []
     with tempfile.TemporaryDirectory(prefix="ufcram-stress-") as tmp:
         path = os.path.join(tmp, "node.sock")
         with Node(capacity=CAPACITIES[1], path=path) as node:
             procs = [subprocess.Popen(
                 [sys.executable, "-m", "ufcram.stress", "--worker", path, "--seconds",
-                 str(seconds), "--threads", str(threads), "--seed", str(seed * 1000 + i),
-                 *extra],
+                 str(seconds), "--threads", str(threads), "--seed", str(seed * 1000 + i)],
                 stdout=subprocess.PIPE, text=True) for i in range(processes)]
             reports = [collect(p, seconds + GRACE) for p in procs]
             if node.process.poll() is not None:
@@ -292,20 +282,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--settle-forks", action="store_true",
-                        help="fork only while no demotion of the forking process is in "
-                             "flight (avoids a known bug: such a child hangs on its first "
-                             "write to the pages in flight)")
     parser.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         # a hung worker shows where: faulthandler dumps even a thread holding the GIL
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        report = work(args.worker, args.seconds, args.threads, args.seed, args.settle_forks)
+        report = work(args.worker, args.seconds, args.threads, args.seed)
         print(json.dumps(report), flush=True)
         return 0
-    report = run(args.minutes, args.processes, args.threads, args.seed, args.settle_forks)
+    report = run(args.minutes, args.processes, args.threads, args.seed)
     print(json.dumps(report) if args.json else describe(report), flush=True)
     return 1 if report["wrong_bytes"] or report["failures"] else 0
 
