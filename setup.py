@@ -5,7 +5,8 @@ from setuptools import Extension, setup
 
 preload = Extension(
     "ufcram._preload",
-    sources=["native/preload.c", "native/nodelink.c", "native/uffd.c", "native/agent.c"],
+    sources=["native/preload.c", "native/nodelink.c", "native/uffd.c", "native/agent.c",
+             "native/fallback.c", "native/dropped.c"],
     include_dirs=["native"],
     # hidden: only the allocator it interposes is exported, so its copy of the shim
     # never shadows ufcram._shim in a Python program run under it

@@ -15,7 +15,8 @@ ffibuilder.cdef((HERE / "constants.cdef").read_text() + (HERE / "ufcram_api.h").
 ffibuilder.set_source(
     "ufcram._shim",
     '#include "ufcram_native.h"\n',
-    sources=[str((HERE / s).relative_to(ROOT)) for s in ("uffd.c", "agent.c")],
+    sources=[str((HERE / s).relative_to(ROOT))
+             for s in ("uffd.c", "agent.c", "fallback.c", "dropped.c")],
     include_dirs=[str(HERE.relative_to(ROOT))],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
     libraries=["pthread"],

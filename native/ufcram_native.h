@@ -18,6 +18,7 @@
 #define UFC_AGENT_DROP 2
 #define UFC_AGENT_PING 3
 #define UFC_AGENT_STOP 4
+#define UFC_AGENT_ADOPT 5 /* a forked child's uffd and the handler's pidfd; no reply */
 
 #include "ufcram_api.h"
 

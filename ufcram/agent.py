@@ -1,6 +1,9 @@
 """The handler's side of an application's agent thread: commands to demote or drop
-runs of pages, sent over a SOCK_SEQPACKET pair, and their replies.
+runs of pages, sent over a SOCK_SEQPACKET pair, and their replies; and the uffds of
+forked children, handed over to be served should this handler die.
 """
+import os
+import socket
 import struct
 
 import numpy as np
@@ -13,6 +16,16 @@ REPLY = struct.Struct("<IIiiQ")     # struct ufc_agent_reply
 assert CMD.size == ffi.sizeof("struct ufc_agent_cmd")
 assert REPLY.size == ffi.sizeof("struct ufc_agent_reply")
 MAX_RUNS = lib.UFC_AGENT_MAX_RUNS
+_pidfd = (None, None)   # (pid, pidfd of this handler process), opened on first use
+
+
+def own_pidfd():
+    """A pidfd of this handler: with it, an agent tells its death from its hang-up (a
+    live handler that lets a client go still serves that client's children)."""
+    global _pidfd
+    if _pidfd[0] != os.getpid():
+        _pidfd = (os.getpid(), os.pidfd_open(os.getpid()))
+    return _pidfd[1]
 
 
 class AgentLink:
@@ -43,6 +56,13 @@ class AgentLink:
             raise HandlerError(f"agent reply out of order (seq {seq}, expected {self.seq})")
         self.tid = tid
         return status, nbytes
+
+    def adopt(self, uffd_fd):
+        """Give the agent a forked child's uffd, to serve once this handler has exited.
+        No reply, and the sequence is left alone: a fork can come while a command to
+        this agent awaits its reply. OSError if it cannot be sent."""
+        head = CMD.pack(lib.UFC_AGENT_MAGIC, lib.UFC_AGENT_ADOPT, 0, 0, 0)
+        socket.send_fds(self.sock, [head], [uffd_fd, own_pidfd()])
 
     def ping(self):
         self.send(lib.UFC_AGENT_PING)

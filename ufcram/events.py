@@ -2,10 +2,14 @@
 (FORK) managed memory. Entries of freed pages are reaped at once; moved pages keep
 their entries at the new address; a forked child becomes a client of its own.
 """
+import logging
+
 import numpy as np
 
 from .pagetable import DEMOTING, NO_ENTRY, PAGE_SIZE, PageTable, UNTOUCHED
 from .uffd import EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP
+
+log = logging.getLogger("ufcram.handler")
 
 
 def pages_within(table, start, end):
@@ -53,7 +57,26 @@ def on_fork(pager, client, uffd_fd):
     for region in child.regions.values():
         held = region.table.entry[region.table.entry != NO_ENTRY]
         pager.share(held)
+    hand_over(client, uffd_fd)
     return child
+
+
+def hand_over(parent, uffd_fd):
+    """Our descriptor is the child's only one: if we died, its memory would be
+    unregistered and the pages we hold for it would read as zeros. The agent of the
+    nearest ancestor that has one (a forked child has none) keeps a copy, and serves
+    it once we have exited."""
+    keeper = parent
+    while keeper.agent is None and keeper.parent is not None:
+        keeper = keeper.parent
+    try:
+        if keeper.agent is None:
+            raise OSError("no ancestor has an agent")
+        keeper.agent.adopt(uffd_fd)
+    except OSError as e:
+        log.warning("a child forked in the line of pid %d has its uffd only here (%s): "
+                    "should the handler die, the pages it holds for it read as zeros",
+                    keeper.pid, e)
 
 
 def dispatch(pager, client, event, arg0, arg1, arg2):

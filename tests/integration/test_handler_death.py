@@ -20,8 +20,8 @@ pytestmark = pytest.mark.timeout(180)
 SIGBUS = -signal.SIGBUS
 
 # A region of 64 pages: 0-15 demoted, of which 8 read back (read-only, restored);
-# 16-47 resident; 48-63 never touched. Then the handler is killed.
-PRELUDE = textwrap.dedent("""
+# 16-47 resident; 48-63 never touched. Then (PRELUDE) the handler is killed.
+SETUP = textwrap.dedent("""
     import ctypes, errno, os, signal, sys, time
     import numpy as np, ufcram
     from ufcram import PAGE_SIZE
@@ -33,9 +33,8 @@ PRELUDE = textwrap.dedent("""
     a[:48] = data[:48]
     assert region.demote(0, 16 * PAGE_SIZE) == 16
     assert np.array_equal(a[8], data[8])
-    node.process.kill()
-    node.process.wait()
-
+""")
+HELPERS = textwrap.dedent("""
     def check(what, ok):
         print(what, "ok" if ok else "WRONG", flush=True)
 
@@ -43,6 +42,20 @@ PRELUDE = textwrap.dedent("""
         print("touching a lost page", flush=True)
         int(view[3].sum())
         print("read a lost page and lived", flush=True)
+
+    def fds(kind=None):
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += kind is None or os.readlink(f"/proc/self/fd/{fd}") == kind
+            except OSError:
+                pass
+        return n
+""")
+SETUP += HELPERS
+PRELUDE = SETUP + textwrap.dedent("""
+    node.process.kill()
+    node.process.wait()
 """)
 
 
@@ -50,8 +63,8 @@ def no_core():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_app(body, timeout=60):
-    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+def run_app(body, timeout=60, prelude=PRELUDE):
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)],
                           capture_output=True, text=True, timeout=timeout, preexec_fn=no_core)
 
 
@@ -158,13 +171,7 @@ def test_fork_after_death():
     and their uffds are let go once they exit."""
     out = run_app("""
         def uffds():
-            n = 0
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
-                except OSError:
-                    pass
-            return n
+            return fds("anon_inode:[userfaultfd]")
 
         def in_child(fn):
             pid = os.fork()
@@ -197,6 +204,228 @@ def test_fork_after_death():
     assert_checks(out, ["child reads", "child writes", "child touching a lost page gets SIGBUS",
                         "parent unchanged", "children's uffds let go"])
     assert out.returncode == 0, out.stderr
+
+
+def test_children_forked_while_the_handler_lived():
+    """A child and a grandchild forked while the handler lives have uffds only the
+    handler held: the parent's agent keeps a copy and serves them after the death. Their
+    lost pages raise SIGBUS, never zeros; pages they had read or written keep their
+    bytes, and so do resident ones."""
+    out = run_app("""
+        ready_r, ready_w = os.pipe()
+        go_child_r, go_child_w = os.pipe()
+        go_grand_r, go_grand_w = os.pipe()
+
+        def grandchild():
+            ok = np.array_equal(a[5], data[5])   # restored into it while the handler lives
+            os.write(ready_w, b"g")
+            os.read(go_grand_r, 1)
+            check("grandchild read before the death", ok and np.array_equal(a[5], data[5]))
+            check("grandchild resident", np.array_equal(a[16:48], data[16:48]))
+            check("grandchild restored", np.array_equal(a[8], data[8]))
+            check("grandchild untouched", not a[48:].any())
+            touch_lost(a)
+            os._exit(0)
+
+        def child():
+            ok = np.array_equal(a[4], data[4])
+            a[7] = 7                              # a demoted page written: promoted
+            grand = os.fork()
+            if grand == 0:
+                grandchild()
+            os.write(ready_w, b"c")
+            os.read(go_child_r, 1)
+            os.write(go_grand_w, b"x")
+            status = os.waitpid(grand, 0)[1]
+            check("grandchild got SIGBUS",
+                  os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS)
+            check("child read before the death", ok and np.array_equal(a[4], data[4]))
+            check("child wrote before the death", (a[7] == 7).all())
+            check("child resident", np.array_equal(a[16:48], data[16:48]))
+            check("child restored", np.array_equal(a[8], data[8]))
+            check("child untouched", not a[48:].any())
+            a[16] = 4
+            a[50] = 5
+            check("child writes", (a[16] == 4).all() and (a[50] == 5).all())
+            touch_lost(a)
+            os._exit(0)
+
+        pid = os.fork()
+        if pid == 0:
+            child()
+        os.read(ready_r, 1)
+        os.read(ready_r, 1)
+        node.process.kill()
+        node.process.wait()
+        os.write(go_child_w, b"x")
+        status = os.waitpid(pid, 0)[1]
+        check("child got SIGBUS", os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS)
+        check("parent resident", np.array_equal(a[16:48], data[16:48]))
+    """, prelude=SETUP)
+    assert_checks(out, ["grandchild read before the death", "grandchild resident",
+                        "grandchild restored", "grandchild untouched", "grandchild got SIGBUS",
+                        "child read before the death", "child wrote before the death",
+                        "child resident", "child restored", "child untouched", "child writes",
+                        "child got SIGBUS", "parent resident"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("touching a lost page") == 2
+    assert "read a lost page and lived" not in out.stdout
+    assert out.stderr.count("lost with its handler") == 2, out.stderr
+
+
+def test_a_live_handler_keeps_serving_children_after_their_parent_left(tmp_path):
+    """The parent leaves a persistent node (the handler hangs up on its agent) while a
+    child it forked stays: the handler still serves that child, and the agent must not
+    (a page read then has its bytes); only once the handler has exited does the agent
+    serve it (a lost page raises SIGBUS)."""
+    path = tmp_path / "node.sock"
+    handler = subprocess.Popen([sys.executable, "-m", "ufcram.handler", "--listen", str(path),
+                                "--persist", "--capacity", str(16 << 20)],
+                               env={**os.environ, "UFCRAM_SPIN_US": "0"})
+    try:
+        out = run_app(f"""
+            node = ufcram.Node.connect({str(path)!r})
+            region = ufcram.Region(PAGES * PAGE_SIZE, node=node)
+            a = region.array(np.uint8, (PAGES, PAGE_SIZE))
+            a[:48] = data[:48]
+            assert region.demote(0, 16 * PAGE_SIZE) == 16
+            go_r, go_w = os.pipe()
+            done_r, done_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                # the child's copy of the connection kept the parent a client
+                os.close(node.connection.sock.fileno())
+                os.read(go_r, 1)
+                right = []
+                for i in (0, 1, 2, 4, 5, 6, 7, 9, 10, 11):   # each a fair race, were
+                    time.sleep(0.01)                          # the agent to read too
+                    right.append(np.array_equal(a[i], data[i]))
+                check("served by the live handler", all(right))
+                os.write(done_w, b"x")
+                os.read(go_r, 1)
+                check("resident", np.array_equal(a[16:48], data[16:48]))
+                touch_lost(a)
+                os._exit(0)
+            del a
+            node.close()
+            time.sleep(0.5)                    # the agent has seen the hang-up
+            os.write(go_w, b"x")
+            os.read(done_r, 1)
+            os.kill({handler.pid}, signal.SIGKILL)
+            os.write(go_w, b"x")
+            status = os.waitpid(pid, 0)[1]
+            check("child got SIGBUS",
+                  os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS)
+        """, prelude=textwrap.dedent("""
+            import os, signal, time
+            import numpy as np, ufcram
+            from ufcram import PAGE_SIZE
+            PAGES = 64
+            data = np.random.default_rng(1).integers(1, 256, (PAGES, PAGE_SIZE), np.uint8)
+        """) + HELPERS)
+    finally:
+        handler.kill()
+        handler.wait()
+    assert_checks(out, ["served by the live handler", "resident", "child got SIGBUS"])
+    assert out.returncode == 0, out.stderr
+    assert "pages it held for children of pid" in out.stderr, out.stderr
+
+
+def test_forks_while_the_handler_lives_do_not_pile_up_descriptors():
+    """The agent keeps a uffd per child forked while the handler lives, and lets each go
+    once its child has exited: the parent's descriptors stay bounded."""
+    out = run_app("""
+        def cycle():
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if np.array_equal(a[16], data[16]) else 3)
+            return os.waitpid(pid, 0)[1]
+
+        check("first child", cycle() == 0)
+        time.sleep(0.2)
+        before, uffds_before = fds(), fds("anon_inode:[userfaultfd]")
+        check("children", all(cycle() == 0 for _ in range(50)))
+        time.sleep(0.2)
+        after, uffds_after = fds(), fds("anon_inode:[userfaultfd]")
+        print("descriptors", before, after, "uffds", uffds_before, uffds_after)
+        check("descriptors bounded", after <= before + 1 and uffds_after <= uffds_before + 1)
+        check("parent unchanged", np.array_equal(a[16:48], data[16:48]) and
+              np.array_equal(a[8], data[8]))
+    """, prelude=SETUP)
+    assert_checks(out, ["first child", "children", "descriptors bounded", "parent unchanged"])
+    assert out.returncode == 0, out.stderr
+    # the handler leaves at exit with no child alive: nothing of theirs was lost
+    assert "the fault handler is gone" not in out.stderr, out.stderr
+
+
+def test_malformed_adopt_commands_are_refused_without_a_leak():
+    """ADOPT (a child's uffd and the handler's pidfd, no reply) is checked like every
+    agent command: anything else is closed, said once, and the agent keeps serving."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import mmap, os, socket, struct
+        from ufcram._shim import lib
+        from ufcram.agent import CMD, REPLY
+        from ufcram.uffd import Uffd, address_of
+        STAGING = 16 * 4096
+        uffd = Uffd.open()
+        staging_fd = os.memfd_create("staging")
+        os.ftruncate(staging_fd, STAGING)
+        staging = mmap.mmap(staging_fd, STAGING)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        assert lib.ufc_agent_start(uffd.fd, ours.fileno(), address_of(staging), STAGING) == 0
+        ours.detach()
+        theirs.settimeout(10)
+
+        def count():
+            return len(os.listdir("/proc/self/fd"))
+
+        def head(op=lib.UFC_AGENT_ADOPT, seq=0, nruns=0, magic=lib.UFC_AGENT_MAGIC):
+            return CMD.pack(magic, op, seq, nruns, 0)
+
+        seq = 0
+        def ping(extra=b"", fds=()):
+            global seq
+            seq += 1
+            socket.send_fds(theirs, [head(lib.UFC_AGENT_PING, seq) + extra], list(fds))
+            for fd in fds:
+                os.close(fd)
+            _, rseq, status, _, _ = REPLY.unpack(theirs.recv(64))
+            return rseq == seq and status
+
+        def adopt(data, fds):
+            socket.send_fds(theirs, [data], fds)
+            for fd in fds:
+                os.close(fd)
+
+        child = lambda: Uffd.open().fd
+        pidfd = lambda: os.pidfd_open(os.getpid())
+        def pipe():
+            r, w = os.pipe()
+            os.close(w)
+            return r
+
+        assert ping() == 0
+        before = count()
+        adopt(head(), [])
+        adopt(head(), [child()])
+        adopt(head(), [pipe(), pidfd()])
+        adopt(head(), [child(), pipe()])
+        adopt(head(), [pidfd(), child()])
+        adopt(head(), [child(), pidfd(), pipe()])
+        adopt(head(nruns=1) + bytes(16), [child(), pidfd()])
+        adopt(head(magic=0), [child(), pidfd()])
+        adopt(head() + bytes(8), [child(), pidfd()])
+        print("ping with a descriptor", ping(fds=[pipe()]) == -74)   # EBADMSG
+        print("nothing kept", ping() == 0 and count() == before)
+        adopt(head(), [child(), pidfd()])
+        adopt(head(), [child(), pidfd()])
+        print("two kept, one pidfd", ping() == 0 and count() == before + 3)
+    """)], capture_output=True, text=True, timeout=60, preexec_fn=no_core)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "ping with a descriptor True", "nothing kept True", "two kept, one pidfd True"], \
+        out.stdout + out.stderr
+    assert out.stderr.count("refused a forked child's uffd") == 1, out.stderr
 
 
 WORKLOAD = textwrap.dedent("""

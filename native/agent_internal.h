@@ -1,0 +1,100 @@
+/* What the agent's files share: the state one application's two agent threads hold
+ * together, the set of dropped pages, and the agent's own memory. */
+#ifndef UFCRAM_AGENT_INTERNAL_H
+#define UFCRAM_AGENT_INTERNAL_H
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "ufcram_native.h"
+
+/* internal to the library that links these files: never interposes on, or is taken
+ * for, a symbol of the application */
+#define UFC_HIDDEN __attribute__((visibility("hidden")))
+
+/* Forked children's uffds one agent keeps at most; past it a child goes unprotected,
+ * and says so. */
+#define AGENT_MAX_ADOPTED 512
+
+/* --- the agent's own memory ---------------------------------------------------------
+ * Straight from the kernel: under the preload library malloc may hand out managed
+ * memory, and the thread that serves faults must never fault on memory it serves. */
+static inline void *mem_resize(void *p, size_t old, size_t len)
+{
+	void *q = p ? (void *)syscall(SYS_mremap, p, old, len, MREMAP_MAYMOVE)
+		    : (void *)syscall(SYS_mmap, NULL, len, PROT_READ | PROT_WRITE,
+				      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	return q == MAP_FAILED ? NULL : q;
+}
+
+static inline void mem_free(void *p, size_t len)
+{
+	if (p)
+		syscall(SYS_munmap, p, len);
+}
+
+/* --- a set of address ranges: sorted, disjoint, never touching (dropped.c) ----------- */
+struct span {
+	uint64_t start, end;   /* [start, end) */
+};
+struct spans {
+	struct span *v;
+	size_t n, cap;
+};
+
+UFC_HIDDEN void spans_free(struct spans *s);
+UFC_HIDDEN int spans_has(const struct spans *s, uint64_t addr);
+UFC_HIDDEN int spans_add(struct spans *s, const struct span *add, size_t k);
+UFC_HIDDEN int spans_push(struct spans *s, uint64_t start, uint64_t end);
+UFC_HIDDEN void spans_remove(struct spans *s, uint64_t start, uint64_t end);
+UFC_HIDDEN int spans_move(struct spans *s, uint64_t from, uint64_t to, uint64_t len);
+UFC_HIDDEN int spans_copy(struct spans *dst, const struct spans *src);
+UFC_HIDDEN int span_order(const void *x, const void *y);
+
+/* --- the two threads' shared state (agent.c, fallback.c) ----------------------------- */
+struct agent {
+	int uffd;       /* a descriptor of our own: the application may close its own */
+	int app_uffd;   /* the application's, to see when it lets the uffd go */
+	int sock;
+	uint64_t staging;
+	uint64_t staging_len;
+	pthread_mutex_t lock;   /* guards what follows */
+	int refs;               /* the threads still running; the last one out frees */
+	int dead;               /* the handler hung up: nothing more is dropped */
+	struct spans dropped;   /* every page ever dropped on command (see fallback) */
+	uint32_t ninflight;     /* the runs being dropped right now */
+	struct span inflight[UFC_AGENT_MAX_RUNS];
+	/* Children forked while the handler lived: their uffds (ADOPT), to serve only once
+	 * the handler process has exited, which its pidfd tells. Until then the handler
+	 * serves them, even after it let this process go. */
+	int handler_pidfd;
+	int adopt_refused;      /* said so once already */
+	uint32_t nadopted;
+	int adopted[AGENT_MAX_ADOPTED];
+};
+
+UFC_HIDDEN void agent_put(struct agent *a);
+UFC_HIDDEN void release_exited(struct agent *a);
+UFC_HIDDEN void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+UFC_HIDDEN void *watch_main(void *arg);
+
+static inline int handler_gone(struct agent *a)
+{
+	return __atomic_load_n(&a->dead, __ATOMIC_ACQUIRE);
+}
+
+/* A uffd whose process has exited (or exec'd) answers ESRCH. UFFDIO_CONTINUE probes it
+ * without touching a live process: it fails on anonymous memory, the only kind we
+ * register, and with ENOENT where nothing is registered with this uffd. */
+static inline int uffd_exited(int fd)
+{
+	struct uffdio_continue c = { .range = { 1 << 16, UFC_PAGE_SIZE } };
+	return ioctl(fd, UFFDIO_CONTINUE, &c) < 0 && errno == ESRCH;
+}
+
+#endif
