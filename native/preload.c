@@ -50,7 +50,7 @@ static struct {
 	struct block *table;
 	size_t capacity, count;
 	size_t (*libc_usable_size)(void *);
-} pl = { .lock = PTHREAD_MUTEX_INITIALIZER, .state = UNSET };
+} pl = { .lock = PTHREAD_MUTEX_INITIALIZER, .state = UNSET, .threshold = 1 << 20 };
 
 static void debug(const char *fmt, ...)
 {
@@ -209,7 +209,6 @@ static int join_node(void)
 	pl.write_budget = !budget || !*budget || !strcmp(budget, "auto")
 				  ? AUTO_BUDGET
 				  : (int64_t)env_u64("UFCRAM_WRITE_BUDGET", 0);
-	pl.libc_usable_size = (size_t(*)(void *))dlsym(RTLD_NEXT, "malloc_usable_size");
 	char why[256];
 	if (ufc_link_open(&pl.link, path, env_u64("UFCRAM_STAGING_PAGES", 256),
 			  (int)env_u64("UFCRAM_USER_MODE_ONLY", 0), why, sizeof(why))) {
@@ -240,9 +239,12 @@ static int ready(size_t size)
 	return pl.state == READY;
 }
 
-__attribute__((constructor)) static void read_threshold(void)
+/* Constructors of libraries preloaded after us may allocate before this runs: the
+ * static default threshold covers them. */
+__attribute__((constructor)) static void read_settings(void)
 {
 	pl.threshold = env_u64("UFCRAM_THRESHOLD", 1 << 20);
+	pl.libc_usable_size = (size_t(*)(void *))dlsym(RTLD_NEXT, "malloc_usable_size");
 }
 
 /* --- managed memory ------------------------------------------------------------- */
@@ -439,9 +441,10 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
 	return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
 }
 
-/* Unmapping or moving part of a managed region: the node gives its pages back and the
- * region becomes plain memory first, so partial unmaps and mremap work as always. */
-static void release_overlap(void *addr, size_t len)
+/* Unmapping part of a managed region, or moving it: the node gives its pages back and
+ * the region becomes plain memory first, so partial unmaps and mremap work as always.
+ * A whole region unmapped needs nothing back: its memory is gone. */
+static void release_overlap(void *addr, size_t len, int keeps_data)
 {
 	if (!__atomic_load_n(&pl.count, __ATOMIC_RELAXED))
 		return;
@@ -454,13 +457,13 @@ static void release_overlap(void *addr, size_t len)
 		if (!found)
 			return;
 		int whole = b.base >= start && b.base + b.len <= start + len;
-		managed_release(&b, !whole);
+		managed_release(&b, keeps_data || !whole);
 	}
 }
 
 EXPORT int munmap(void *addr, size_t len)
 {
-	release_overlap(addr, len);
+	release_overlap(addr, len, 0);
 	return (int)syscall(SYS_munmap, addr, len);
 }
 
@@ -470,6 +473,6 @@ EXPORT void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
 	va_start(ap, flags);
 	void *new_addr = flags & MREMAP_FIXED ? va_arg(ap, void *) : NULL;
 	va_end(ap);
-	release_overlap(old, old_len);
+	release_overlap(old, old_len, 1);
 	return (void *)syscall(SYS_mremap, old, old_len, new_len, flags, new_addr);
 }

@@ -59,7 +59,9 @@ class Client:
         self.regions = {}
         self.limit = ResidentLimit(None)   # over all regions (LIMITS), besides each one's
         self.retired = dict.fromkeys(COUNTERS, 0)   # counters of the regions it released
-        self.expected_removes = set()   # (start, end) of the agent's own drops in flight
+        # the agent's own drops in flight: where the next REMOVE of each span starts ->
+        # where the span ends (the kernel sends one event per VMA the span crosses)
+        self.expected_removes = {}
         self.next_region = 1
         self._starts = np.empty(0, np.uint64)
         self._ids = np.empty(0, np.int64)

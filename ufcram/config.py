@@ -61,7 +61,7 @@ SETTINGS = {s.name: s for s in (
             "this go to the node; smaller ones stay libc's"),
     Setting("UFCRAM_RESIDENT_LIMIT", "bytes", "none",
             "preload library: resident limit over all of a program's managed memory; "
-            "past it the node demotes the coldest pages"),
+            "past it the node demotes the coldest pages of its largest allocations first"),
     Setting("UFCRAM_WRITE_BUDGET", "pages or auto", "auto",
             "preload library: write budget of each managed allocation"),
 )}

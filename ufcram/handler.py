@@ -19,7 +19,7 @@ from . import config, events
 from . import protocol as P
 from ._shim import lib
 from .client import Client
-from .errors import HandlerError, ProtocolError, UfcramError, UffdError
+from .errors import HandlerError, ProtocolError, UfcramError, UffdError, UffdRetry
 from .pagetable import NO_ENTRY, PAGE_SIZE
 from .pager import POLLIN, Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
@@ -137,7 +137,9 @@ class Handler:
             if self.overflow.closed:
                 self.pager.relieve_overflow()   # retried on the next turn if interrupted
         except (UfcramError, OSError) as e:
-            log.warning("overflow relief interrupted: %s", e)
+            # EAGAIN (an event to read first) is routine: the next turn goes on
+            log.log(logging.DEBUG if isinstance(e, UffdRetry) else logging.WARNING,
+                    "overflow relief interrupted: %s", e)
             if getattr(e, "errno", None) == errno.ESRCH:
                 # a forked child has exited: reap it now. It failed every retry, and in
                 # the same try the scan that reaps it never ran: the node stayed closed

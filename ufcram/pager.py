@@ -66,8 +66,10 @@ class Pager:
     def resolve(self, client, region, addr, flags, tid):
         """The transition a fault asks for, by the page's state (DESIGN.md's table)."""
         if region is None:
-            # registered but in no region (e.g. grown in place by mremap): it can
-            # only be the client's own untouched memory
+            # registered but in no region (e.g. grown in place by mremap, or released
+            # while still registered): untouched memory, or a page left protected
+            if flags & FLAG_WP:
+                return client.uffd.writeprotect(addr, PAGE_SIZE, protect=False)
             return self.map_zeros(client, addr, flags & FLAG_WRITE)
         table = region.table
         page = table.page_of(addr)
@@ -223,12 +225,12 @@ class Pager:
     def command_agent(self, client, op, spans):
         """Send one batch to the agent and wait for its reply; its drops will raise
         REMOVE events for exactly these spans."""
-        client.expected_removes = {(a, a + n) for a, n in spans.tolist()}
+        client.expected_removes = {a: a + n for a, n in spans.tolist()}
         client.agent.send(op, spans)
         try:
             return self.await_agent(client)
         finally:
-            client.expected_removes = set()
+            client.expected_removes = {}
 
     def settle_freed(self, region, pages):
         """Pages the application freed while in flight: zeros from now on. Returns the
@@ -314,10 +316,17 @@ class Pager:
                 mirror.table.set(pages[settle], READONLY)
                 continue
             rows = np.flatnonzero(settle) if copied else []
-            if len(rows):
-                self.despite_events(child, child.uffd.copy_many,
-                                    mirror.table.base + pages[rows] * PAGE_SIZE,
-                                    client.staging_addr + rows * PAGE_SIZE)
+            try:
+                if len(rows):
+                    self.despite_events(child, child.uffd.copy_many,
+                                        mirror.table.base + pages[rows] * PAGE_SIZE,
+                                        client.staging_addr + rows * PAGE_SIZE)
+            except UffdError as e:
+                # ENOENT/ESRCH: the child has unmapped the range or exited meanwhile.
+                # Either way the parent's batch must still settle below.
+                if e.errno not in (errno.ENOENT, errno.ESRCH):
+                    log.error("forked child of pid %d: staged pages not copied: %s",
+                              client.pid, e)
             mirror.table.set(pages[settle], NORMAL)
 
     def forked_during(self, client, region, pages):
