@@ -7,6 +7,9 @@
 #include <string.h>
 #include <time.h>
 
+#define DEMO_NAME "writeheavy"
+#include "demo.h"
+
 #define NPART 64        /* fixed, so the result does not depend on the thread count */
 #define PER_PAGE 64     /* records in a 4 KiB page */
 #define BURST 16        /* updates per page visit */
@@ -23,44 +26,6 @@ static struct rec *tab;
 static size_t nrec;
 static unsigned passes = 4, nthreads = 2;
 static uint64_t part_rng[NPART];
-
-static uint64_t splitmix64(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-/* FNV-1a-like over 64-bit words, with a fold so high bits reach the low ones. */
-static uint64_t hash_words(uint64_t h, const void *p, size_t n)
-{
-    for (size_t i = 0; i + 8 <= n; i += 8) {
-        uint64_t w;
-        memcpy(&w, (const char *)p + i, 8);
-        h = (h ^ w) * 0x100000001b3ULL;
-        h ^= h >> 32;
-    }
-    return h;
-}
-
-static unsigned long long num(const char *s)
-{
-    char *end;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (!*s || *end) {
-        fprintf(stderr, "writeheavy: not a number: %s\n", s);
-        exit(2);
-    }
-    return v;
-}
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
 
 /* Each partition owns a contiguous range of records and its own random stream, so
  * partitions never share a record and any thread may run any partition. */

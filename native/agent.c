@@ -38,16 +38,22 @@ void agent_put(struct agent *a)
 	mem_free(a, sizeof(*a));
 }
 
-/* One write, no stdio buffer: it may be the last thing the process does (SIGBUS). */
-void say(const char *fmt, ...)
+/* One write, no stdio buffer: it may be the last thing the process does (SIGBUS), and
+ * stdio may allocate (under the preload library, from managed memory). */
+void vsay(const char *fmt, va_list ap)
 {
 	char line[256];
-	va_list ap;
-	va_start(ap, fmt);
 	int n = vsnprintf(line, sizeof(line), fmt, ap);
-	va_end(ap);
 	if (n > 0)
 		(void)!write(2, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+}
+
+void say(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsay(fmt, ap);
+	va_end(ap);
 }
 
 /* Called with a->lock held: the descriptors held stay bounded by the children alive. */

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -81,6 +82,7 @@ struct agent {
 UFC_HIDDEN void agent_put(struct agent *a);
 UFC_HIDDEN void release_exited(struct agent *a);
 UFC_HIDDEN void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+UFC_HIDDEN void vsay(const char *fmt, va_list ap);
 UFC_HIDDEN void *watch_main(void *arg);
 
 static inline int handler_gone(struct agent *a)

@@ -11,6 +11,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "agent_internal.h"
 #include "nodelink.h"
 #include "ufcram_native.h"
 
@@ -58,13 +59,10 @@ static void debug(const char *fmt, ...)
 	const char *on = getenv("UFCRAM_DEBUG");
 	if (!on || !*on || !strcmp(on, "0") || __atomic_exchange_n(&said, 1, __ATOMIC_RELAXED))
 		return;
-	char line[512];
 	va_list ap;
 	va_start(ap, fmt);
-	int n = vsnprintf(line, sizeof(line), fmt, ap);
+	vsay(fmt, ap);
 	va_end(ap);
-	if (n > 0)
-		(void)!write(2, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
 }
 
 static uint64_t env_u64(const char *name, uint64_t fallback)
