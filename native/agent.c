@@ -318,6 +318,22 @@ static void adopt_child(struct agent *a, const struct ufc_agent_cmd *cmd, struct
 		    "that child's pages it held would read as zeros\n", getpid(), why);
 }
 
+/* The application moved memory with mremap: pages dropped there are lost at their new
+ * address should the handler die. No reply, for the reason ADOPT has none. */
+static void moved(struct agent *a, const struct ufc_agent_cmd *cmd, struct received *r)
+{
+	const struct ufc_run *from = &cmd->runs[0], *to = &cmd->runs[1];
+	int valid = cmd->magic == UFC_AGENT_MAGIC && cmd->nruns == 2 && !r->nfds && !r->cut &&
+		    r->n == (ssize_t)(sizeof(*cmd) + 2 * sizeof(struct ufc_run)) &&
+		    from->len == to->len;
+	close_received(r);
+	pthread_mutex_lock(&a->lock);
+	int rc = valid ? spans_move(&a->dropped, from->addr, to->addr, from->len) : -EBADMSG;
+	pthread_mutex_unlock(&a->lock);
+	if (rc)
+		say("ufcram: pid %d could not follow an mremap (%s)\n", getpid(), strerror(-rc));
+}
+
 static void *agent_main(void *arg)
 {
 	struct agent *a = arg;
@@ -336,6 +352,10 @@ static void *agent_main(void *arg)
 		}
 		if (cmd->op == UFC_AGENT_ADOPT) {
 			adopt_child(a, cmd, &r);
+			continue;
+		}
+		if (cmd->op == UFC_AGENT_MOVED) {
+			moved(a, cmd, &r);
 			continue;
 		}
 		struct ufc_agent_reply reply = { UFC_AGENT_MAGIC, cmd->seq, 0, tid, 0 };

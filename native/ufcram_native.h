@@ -19,6 +19,7 @@
 #define UFC_AGENT_PING 3
 #define UFC_AGENT_STOP 4
 #define UFC_AGENT_ADOPT 5 /* a forked child's uffd and the handler's pidfd; no reply */
+#define UFC_AGENT_MOVED 6 /* mremap moved runs[0] to runs[1].addr; no reply */
 
 #include "ufcram_api.h"
 

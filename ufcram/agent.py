@@ -64,6 +64,13 @@ class AgentLink:
         head = CMD.pack(lib.UFC_AGENT_MAGIC, lib.UFC_AGENT_ADOPT, 0, 0, 0)
         socket.send_fds(self.sock, [head], [uffd_fd, own_pidfd()])
 
+    def moved(self, old, new, length):
+        """Tell the agent that mremap moved [old, old + length) to new: it follows its
+        record of dropped pages (lost, should this handler die). No reply, as adopt."""
+        runs = np.array([[old, length], [new, length]], "<u8")
+        self.sock.send(CMD.pack(lib.UFC_AGENT_MAGIC, lib.UFC_AGENT_MOVED, 0, 2, 0) +
+                       runs.tobytes())
+
     def ping(self):
         self.send(lib.UFC_AGENT_PING)
         return self.recv()

@@ -59,7 +59,14 @@ def on_free(pager, client, start, end, event):
 
 
 def on_remap(client, old, new, length):
-    """mremap moved [old, old + length) to new: the page table follows the pages."""
+    """mremap moved [old, old + length) to new: the page table follows the pages, and
+    so does the agent's record of the pages it dropped (for after a handler death)."""
+    if client.agent is not None:
+        try:
+            client.agent.moved(old, new, length)
+        except OSError as e:
+            log.warning("client pid %d: agent not told of an mremap (%s): should the "
+                        "handler die, pages moved there read as zeros", client.pid, e)
     for region in client.overlapping(old, old + length):
         table = region.table
         pages = pages_within(table, old, old + length)

@@ -166,6 +166,35 @@ def test_madvise_and_mremap_after_death():
     assert_lost_page_raised_sigbus(out)
 
 
+def test_memory_moved_while_the_handler_lived_stays_loud_after_its_death():
+    """The agent follows mremap (told by the handler): a lost page at its new address
+    raises SIGBUS, not zeros."""
+    out = run_app("""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.mremap.restype = ctypes.c_void_p
+        libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                                ctypes.c_int, ctypes.c_void_p]
+        size = PAGES * PAGE_SIZE
+        spot = libc.mmap(None, size, 0, 0x22, -1, 0)             # PROT_NONE, private anon
+        moved = libc.mremap(region.address, size, size, 3, spot)  # MAYMOVE | FIXED
+        check("mremap", moved == spot)
+        b = np.frombuffer((ctypes.c_uint8 * size).from_address(moved), np.uint8)
+        b = b.reshape(PAGES, PAGE_SIZE)
+        check("moved restored", np.array_equal(b[8], data[8]))
+        region.stats()                     # a round trip: the handler has read the move
+        node.process.kill()
+        node.process.wait()
+        check("moved resident", np.array_equal(b[16:48], data[16:48]))
+        check("moved untouched", not b[48:].any())
+        touch_lost(b)
+    """, prelude=SETUP)
+    assert_checks(out, ["mremap", "moved restored", "moved resident", "moved untouched"])
+    assert_lost_page_raised_sigbus(out)
+
+
 def test_fork_after_death():
     """Children are served too: they read what their parent had, lost pages included,
     and their uffds are let go once they exit."""
