@@ -185,7 +185,10 @@ class Client:
         child has no agent, so its pages are never demoted and its writes promote."""
         child = Client(None, Uffd(uffd_fd, self.uffd.features), parent=self)
         for rid, region in self.regions.items():
-            child.regions[rid] = ManagedRegion(rid, region.table.copy())
+            mirror = child.regions[rid] = ManagedRegion(rid, region.table.copy())
+            # pages freed in flight before the fork are freed in the child too: the
+            # staged copies that will settle the child's pages must not bring them back
+            mirror.freed_in_flight[:] = region.freed_in_flight
         child._index()
         return child
 

@@ -431,21 +431,26 @@ class Pager:
 
     def promote_all(self, client, region, state):
         """Pages of region in state (READONLY or DEMOTED) become normal memory, run by
-        run; a batch interrupted (EAGAIN) is redone whole, as installed pages are skipped."""
+        run. Each run's state changes as soon as its ioctl succeeds: a read-only page
+        left unprotected but still READONLY could be written, then dropped as clean."""
         table = region.table
         pages = table.pages_in_state(state)
         for chunk, runs in batches(pages, len(self.bounce), MAX_RUNS):
             if state == DEMOTED:
                 self.pool.load_many(table.entry[chunk], self.bounce[:len(chunk)])
-                client.uffd.copy_many(table.base + chunk * PAGE_SIZE,
-                                      self.bounce_addr + np.arange(len(chunk)) * PAGE_SIZE)
-            else:
-                for first, count in runs.tolist():
+            row = 0
+            for first, count in runs.tolist():
+                run = np.arange(first, first + count)
+                if state == DEMOTED:   # page by page: one already present is skipped
+                    client.uffd.copy_many(table.base + run * PAGE_SIZE, self.bounce_addr +
+                                          np.arange(row, row + count) * PAGE_SIZE)
+                else:
                     client.uffd.writeprotect(table.address_of(first), count * PAGE_SIZE,
                                              protect=False)
-            self.release(table, chunk)
-            table.set(chunk, NORMAL)
-            region.counters["promotions"] += len(chunk)
+                self.release(table, run)
+                table.set(run, NORMAL)
+                region.counters["promotions"] += count
+                row += count
         return len(pages)
 
     def demote_excess_writable(self):
