@@ -43,6 +43,28 @@ HELPERS = textwrap.dedent("""
         int(view[3].sum())
         print("read a lost page and lived", flush=True)
 
+    def libc_calls():
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.mremap.restype = ctypes.c_void_p
+        libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                                ctypes.c_int, ctypes.c_void_p]
+        return libc
+
+    def move_region():
+        # mremap the whole region elsewhere; a view of it at its new address
+        libc = libc_calls()
+        size = PAGES * PAGE_SIZE
+        spot = libc.mmap(None, size, 0, 0x22, -1, 0)             # PROT_NONE, private anon
+        moved = libc.mremap(region.address, size, size, 3, spot)  # MAYMOVE | FIXED
+        check("mremap", moved == spot)
+        b = np.frombuffer((ctypes.c_uint8 * size).from_address(moved), np.uint8)
+        return b.reshape(PAGES, PAGE_SIZE)
+
     def fds(kind=None):
         n = 0
         for fd in os.listdir("/proc/self/fd"):
@@ -139,22 +161,10 @@ def test_closing_after_death_with_views_alive_keeps_lost_pages_loud():
 def test_madvise_and_mremap_after_death():
     """Freed pages read zeros, as they would anyway; moved lost pages stay lost."""
     out = run_app("""
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        libc.mremap.restype = ctypes.c_void_p
-        libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                                ctypes.c_int, ctypes.c_void_p]
-        size = PAGES * PAGE_SIZE
+        libc = libc_calls()
         check("madvise", libc.madvise(region.address + 2 * PAGE_SIZE, PAGE_SIZE, 4) == 0)
         check("freed reads zeros", not a[2].any())
-        spot = libc.mmap(None, size, 0, 0x22, -1, 0)             # PROT_NONE, private anon
-        moved = libc.mremap(region.address, size, size, 3, spot)  # MAYMOVE | FIXED
-        check("mremap", moved == spot)
-        b = np.frombuffer((ctypes.c_uint8 * size).from_address(moved), np.uint8)
-        b = b.reshape(PAGES, PAGE_SIZE)
+        b = move_region()
         check("moved resident", np.array_equal(b[16:48], data[16:48]))
         check("moved restored", np.array_equal(b[8], data[8]))
         check("moved freed", not b[2].any())
@@ -170,19 +180,7 @@ def test_memory_moved_while_the_handler_lived_stays_loud_after_its_death():
     """The agent follows mremap (told by the handler): a lost page at its new address
     raises SIGBUS, not zeros."""
     out = run_app("""
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        libc.mremap.restype = ctypes.c_void_p
-        libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                                ctypes.c_int, ctypes.c_void_p]
-        size = PAGES * PAGE_SIZE
-        spot = libc.mmap(None, size, 0, 0x22, -1, 0)             # PROT_NONE, private anon
-        moved = libc.mremap(region.address, size, size, 3, spot)  # MAYMOVE | FIXED
-        check("mremap", moved == spot)
-        b = np.frombuffer((ctypes.c_uint8 * size).from_address(moved), np.uint8)
-        b = b.reshape(PAGES, PAGE_SIZE)
+        b = move_region()
         check("moved restored", np.array_equal(b[8], data[8]))
         region.stats()                     # a round trip: the handler has read the move
         node.process.kill()
