@@ -10,7 +10,7 @@ if ! command -v "${ufcram[0]}" >/dev/null; then
   echo "run_demos: ${ufcram[0]} not found; set UFCRAM to the ufcram command" >&2
   exit 2
 fi
-make --no-print-directory -C demos
+bash demos/build.sh
 bin=$PWD/demos/bin
 failed=0
 

@@ -123,11 +123,12 @@ DEMO_LIMIT = "2M"
 def demo_runs():
     """run_demo(name, *options): the demo's native run and its run under ufcram, once each
     per module."""
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed: the demos cannot be built")
-    built = subprocess.run(["make", "-C", DEMOS], capture_output=True, text=True, timeout=120)
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed: the demos cannot be built")
+    built = subprocess.run(["bash", DEMOS / "build.sh"], capture_output=True, text=True,
+                           timeout=120)
     if built.returncode:
-        pytest.skip(f"the demos do not build (make -C demos):\n{built.stderr[-2000:]}")
+        pytest.fail(f"the demos do not build (demos/build.sh):\n{built.stderr[-2000:]}")
     cache = {}
 
     def run_demo(name, *options):
