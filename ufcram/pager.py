@@ -430,28 +430,31 @@ class Pager:
         return count
 
     def promote_all(self, client, region, state):
-        """Pages of region in state (READONLY or DEMOTED) become normal memory, run by
-        run. Each run's state changes as soon as its ioctl succeeds: a read-only page
-        left unprotected but still READONLY could be written, then dropped as clean."""
+        """Pages of region in state (READONLY or DEMOTED) become normal memory. Each
+        page's state changes as soon as its own ioctl succeeds: a read-only page left
+        unprotected but still READONLY could be written and then dropped as clean, and a
+        DEMOTED page already installed could be skipped by a neighbour's restore, which
+        would then mark it read-only over its newer bytes."""
         table = region.table
         pages = table.pages_in_state(state)
         for chunk, runs in batches(pages, len(self.bounce), MAX_RUNS):
             if state == DEMOTED:
                 self.pool.load_many(table.entry[chunk], self.bounce[:len(chunk)])
-            row = 0
-            for first, count in runs.tolist():
-                run = np.arange(first, first + count)
-                if state == DEMOTED:   # page by page: one already present is skipped
-                    client.uffd.copy_many(table.base + run * PAGE_SIZE, self.bounce_addr +
-                                          np.arange(row, row + count) * PAGE_SIZE)
-                else:
+                for row, page in enumerate(chunk.tolist()):
+                    client.uffd.copy(table.address_of(page),
+                                     self.bounce_addr + row * PAGE_SIZE, PAGE_SIZE)
+                    self.promoted(region, np.array([page]))
+            else:
+                for first, count in runs.tolist():
                     client.uffd.writeprotect(table.address_of(first), count * PAGE_SIZE,
                                              protect=False)
-                self.release(table, run)
-                table.set(run, NORMAL)
-                region.counters["promotions"] += count
-                row += count
+                    self.promoted(region, np.arange(first, first + count))
         return len(pages)
+
+    def promoted(self, region, pages):
+        self.release(region.table, pages)
+        region.table.set(pages, NORMAL)
+        region.counters["promotions"] += len(pages)
 
     def demote_excess_writable(self):
         """When a budget shrinks (capacity or ratios changed), pages writable on the node
