@@ -148,17 +148,24 @@ static int send_frame(struct ufc_link *link, uint16_t op, const void *payload, u
 	return send(link->sock, frame, n, MSG_NOSIGNAL) < 0 ? -errno : 0;
 }
 
-int ufc_link_request(struct ufc_link *link, uint16_t op, const void *payload, uint32_t len,
-		     uint64_t *count, char *why, size_t why_len)
+/* One request (with descriptors to pass, if any) and its reply, under the link's lock. */
+static int exchange(struct ufc_link *link, uint16_t op, const void *payload, uint32_t len,
+		    const int *fds, int nfds, uint64_t *count, char *why, size_t why_len)
 {
 	pthread_mutex_lock(&link->lock);
-	int rc = send_frame(link, op, payload, len, NULL, 0);
+	int rc = send_frame(link, op, payload, len, fds, nfds);
 	if (rc)
 		fail(why, why_len, rc, "the ufcram node is unreachable");
 	else
 		rc = await_reply(link, count, why, why_len);
 	pthread_mutex_unlock(&link->lock);
 	return rc;
+}
+
+int ufc_link_request(struct ufc_link *link, uint16_t op, const void *payload, uint32_t len,
+		     uint64_t *count, char *why, size_t why_len)
+{
+	return exchange(link, op, payload, len, NULL, 0, count, why, why_len);
 }
 
 int ufc_link_open(struct ufc_link *link, const char *path, uint64_t staging_pages,
@@ -182,14 +189,9 @@ int ufc_link_open(struct ufc_link *link, const char *path, uint64_t staging_page
 		return fail(why, why_len, memfd, "could not start the agent thread");
 	struct __attribute__((packed)) { uint64_t staging_bytes; int32_t tid; } hello = { bytes, 0 };
 	int fds[3] = { link->uffd, handler_end, memfd };
-	pthread_mutex_lock(&link->lock);
-	int rc = send_frame(link, UFC_PROTO_HELLO, &hello, sizeof(hello), fds, 3);
-	close(handler_end);
+	int rc = exchange(link, UFC_PROTO_HELLO, &hello, sizeof(hello), fds, 3, NULL, why,
+			  why_len);
+	close(handler_end); /* the handler has its own copies now, or never will */
 	close(memfd);
-	if (rc)
-		fail(why, why_len, rc, "HELLO");
-	else
-		rc = await_reply(link, NULL, why, why_len);
-	pthread_mutex_unlock(&link->lock);
 	return rc;
 }

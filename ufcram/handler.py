@@ -20,7 +20,7 @@ from . import protocol as P
 from ._shim import lib
 from .client import Client
 from .errors import HandlerError, ProtocolError, UfcramError, UffdError, UffdRetry
-from .pagetable import NO_ENTRY, PAGE_SIZE
+from .pagetable import DEMOTED, NO_ENTRY, PAGE_SIZE
 from .pager import POLLIN, Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
@@ -353,7 +353,7 @@ class Handler:
     @staticmethod
     def footprint(client):
         """Pages resident or demoted: how much memory the client stands for."""
-        return sum(r.table.resident + r.table.counts()["demoted"]
+        return sum(r.table.resident + int(r.table.tally[DEMOTED])
                    for r in client.regions.values())
 
     def held_entries(self, client):
