@@ -10,6 +10,7 @@ import numpy as np
 import psutil
 
 from . import bench_floor, bench_report, bench_zram
+from .wakeup import FastWake
 from .bench_work import (MiB, PAGE_SIZE, BenchError, Plan, anon_rss, footprint_of, in_child,
                          run_workloads, sequences)
 from .check import report as report_check
@@ -96,10 +97,17 @@ def sigterm_interrupts():
 
 def measure(plan):
     """Everything, as one JSON-able report."""
-    report = {"plan": plan.to_json(), "floor": bench_floor.measure(min(plan.pages, 8192))}
+    faults = min(plan.pages, 8192)
+    report = {"plan": plan.to_json(), "floor": bench_floor.measure(faults)}
     with sigterm_interrupts():
         report["ufcram"] = in_child(ufcram_child, plan, timeout=child_timeout(plan))
-        report["zram"] = bench_zram.measure(plan, timeout=child_timeout(plan))
+        # the request ufcram's handler holds while faults come, held for the kernel side
+        # too: both sides then run on the same machine state
+        with FastWake(hold_ms=1) as wake:
+            report["fast_wake"] = wake.available
+            if wake.available:
+                report["floor_fast_wake"] = bench_floor.measure(faults)
+            report["zram"] = bench_zram.measure(plan, timeout=child_timeout(plan))
     report["summary"] = bench_report.summarise(report)
     return report
 

@@ -85,16 +85,25 @@ def _redemote_line(side, m):
             f"({a['pages']}): {_num(m['cost_ratio'], '.1f', 'x')} cheaper")
 
 
+def _floor(floor):
+    if "skipped" in floor:
+        return f"n/a ({floor['skipped']})"
+    return "; ".join(f"{where} p50 {floor[key]['p50_us']:.1f} µs, p99 "
+                     f"{floor[key]['p99_us']:.1f} µs"
+                     for key, where in (("same_cpu", "one CPU"), ("cross_cpu", "two CPUs"))
+                     if key in floor)
+
+
 def _header(report):
     plan, floor, z = report["plan"], report["floor"], report["zram"]
     pages, limit = plan["pages"], plan["limit_pages"]
     lines = [f"ufcram bench: working set {pages * 4096 / MiB:g} MiB ({pages} pages), resident "
              f"limit {limit * 4096 / MiB:g} MiB ({limit} pages), same seeded data on both sides"]
     lines.append("  floor, a bare userfaultfd round trip in C (fault in one thread, UFFDIO_COPY in "
-                 "another):\n    " + ("; ".join(
-                     f"{where} p50 {floor[key]['p50_us']:.1f} µs, p99 {floor[key]['p99_us']:.1f} µs"
-                     for key, where in (("same_cpu", "one CPU"), ("cross_cpu", "two CPUs"))
-                     if key in floor) if "skipped" not in floor else f"n/a ({floor['skipped']})"))
+                 "another):\n    " + _floor(floor))
+    if report.get("floor_fast_wake"):
+        lines.append("    with fast wake-ups (UFCRAM_FAST_WAKE_MS; held for both sides): " +
+                     _floor(report["floor_fast_wake"]))
     if "skipped" in z:
         lines.append(f"  zram: not measured: {z['skipped']}; ufcram alone")
     else:

@@ -40,6 +40,11 @@ SETTINGS = {s.name: s for s in (
     Setting("UFCRAM_SPIN_US", "microseconds", 100,
             "how long the handler polls without sleeping after an event before it blocks "
             "(a sleeping handler is woken slowly across CPUs)"),
+    Setting("UFCRAM_FAST_WAKE_MS", "milliseconds", 100,
+            "while faults arrive, and this long after the last, the handler asks for 0 us "
+            "CPU wake-up latency (PM QoS, /dev/cpu_dma_latency, root only) so a faulting "
+            "thread on an idle CPU wakes in ~15 us, not ~100 us; idle CPUs poll meanwhile. "
+            "0: never ask"),
     Setting("UFCRAM_AGENT_TIMEOUT", "seconds", 30.0,
             "how long the handler waits for an agent reply before it drops the client"),
     Setting("UFCRAM_SCAN_INTERVAL", "seconds", 5.0,

@@ -25,6 +25,7 @@ from .pager import POLLIN, Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
 from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
+from .wakeup import FastWake
 
 log = logging.getLogger("ufcram.handler")
 DEPARTED = ("clients", "faults", "demotions", "clean_redemotions", "restores", "promotions",
@@ -47,6 +48,7 @@ class Handler:
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
         self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6
+        self.fast_wake = FastWake()
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
         self.departed = dict.fromkeys(DEPARTED, 0)
@@ -117,7 +119,12 @@ class Handler:
             events = self.poller.poll(0)
             if events or time.perf_counter() >= deadline:
                 break
-        return events or self.poller.poll(max(0, self.next_scan - time.monotonic()) * 1000)
+        if events:
+            return events
+        now = time.monotonic()
+        lapse = self.fast_wake.timeout(now)
+        due = self.next_scan - now if lapse is None else min(lapse, self.next_scan - now)
+        return self.poller.poll(max(0, due) * 1000)
 
     def after_events(self):
         """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
@@ -145,6 +152,7 @@ class Handler:
                 # the same try the scan that reaps it never ran: the node stayed closed
                 # and the handler spun on an overdue scan.
                 self.reap_exited()
+        self.fast_wake.expire(time.monotonic())
         if time.monotonic() >= self.next_scan:
             # due again only after an interval even if it fails (e.g. EMFILE): set
             # after it, a failing scan made every poll time out at once, a busy loop
@@ -312,6 +320,8 @@ class Handler:
                 log.error("client pid %d: reading its uffd failed: %s", client.pid, e)
                 return self.drop_client(client)
             batch = self.msgs[:n].copy()   # nested drains (await_agent) reuse self.msgs
+            if n:
+                self.fast_wake.fault()
             for event, a0, a1, a2 in zip(batch["event"].tolist(), batch["arg0"].tolist(),
                                          batch["arg1"].tolist(), batch["arg2"].tolist()):
                 if event == EVENT_PAGEFAULT:
