@@ -1,6 +1,7 @@
 """The handler's view of one application process: its descriptors (uffd, agent,
 staging buffer), its regions with their page tables, policies and counters.
 """
+import bisect
 import mmap
 import os
 import socket
@@ -63,8 +64,8 @@ class Client:
         # where the span ends (the kernel sends one event per VMA the span crosses)
         self.expected_removes = {}
         self.next_region = 1
-        self._starts = np.empty(0, np.uint64)
-        self._ids = np.empty(0, np.int64)
+        self._starts = []   # region bases, sorted: bisect is cheaper than numpy per fault
+        self._ids = []
 
     @property
     def ready(self):
@@ -165,10 +166,10 @@ class Client:
 
     def locate(self, addr):
         """The region holding addr, or None."""
-        i = int(np.searchsorted(self._starts, addr, side="right")) - 1
+        i = bisect.bisect_right(self._starts, addr) - 1
         if i < 0:
             return None
-        region = self.regions[int(self._ids[i])]
+        region = self.regions[self._ids[i]]
         return region if addr < region.table.end else None
 
     def overlapping(self, start, end):
@@ -176,8 +177,8 @@ class Client:
 
     def _index(self):
         order = sorted(self.regions, key=lambda r: self.regions[r].table.base)
-        self._starts = np.array([self.regions[r].table.base for r in order], np.uint64)
-        self._ids = np.array(order, np.int64)
+        self._starts = [self.regions[r].table.base for r in order]
+        self._ids = order
 
     def fork(self, uffd_fd):
         """The client of a forked child: the same regions and entries (shared with the

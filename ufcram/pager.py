@@ -14,7 +14,7 @@ from ._shim import lib
 from .agent import MAX_RUNS
 from .errors import HandlerError, UffdError, UffdRetry
 from .pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY,
-                        UNTOUCHED, WRITABLE, runs_of)
+                        UNTOUCHED, WRITABLE, bridged, pages_of, runs_of)
 from .policy import TAIL_PERCENTILE
 from .uffd import FLAG_WP, FLAG_WRITE, address_of
 
@@ -114,6 +114,9 @@ class Pager:
         """Pages from `page` on to bring in now: the readahead window, cut at the first
         page of the run ahead that is not in `state`."""
         want = min(region.readahead.pages(page), len(self.bounce), region.table.npages - page)
+        if want <= 1:   # random access: the common case, kept free of numpy calls
+            region.readahead.ran(page, 1)
+            return 1
         ahead = region.table.state[page + 1:page + want] != state
         count = 1 + (int(np.argmax(ahead)) if ahead.any() else want - 1)
         region.readahead.ran(page, count)
@@ -125,8 +128,12 @@ class Pager:
         writable page, on the node within the write budget, else promoted."""
         table = region.table
         count = 1 if write else self.run_length(region, page, DEMOTED)
-        pages = np.arange(page, page + count)
-        self.pool.load_many(table.entry[pages], self.bounce[:count])
+        if count == 1:   # one page: the scalar paths, cheaper than numpy's per call
+            pages = page
+            self.pool.load(int(table.entry[page]), self.bounce[0])
+        else:
+            pages = np.arange(page, page + count)
+            self.pool.load_many(table.entry[pages], self.bounce[:count])
         client.uffd.copy(table.address_of(page), self.bounce_addr, count * PAGE_SIZE,
                          wp=not write)
         region.counters["restores"] += count
@@ -184,7 +191,9 @@ class Pager:
 
     def release(self, table, pages):
         """Drop pages' hold on their pool entries; an entry is freed with its last owner."""
-        pages = np.atleast_1d(pages)
+        if np.ndim(pages) == 0:
+            return self.release_one(table, pages)
+        pages = np.asarray(pages)
         held = table.entry[pages]
         held = held[held != NO_ENTRY]
         table.entry[pages] = NO_ENTRY
@@ -194,6 +203,18 @@ class Pager:
             np.subtract.at(self.extra_owners, held[shared], 1)
             self.pool.free_many(held[~shared])
         return len(held)
+
+    def release_one(self, table, page):
+        """release() of one page (a write fault's), without numpy's per-call cost."""
+        held = int(table.entry[page])
+        if held == NO_ENTRY:
+            return 0
+        table.entry[page] = NO_ENTRY
+        if held < len(self.extra_owners) and self.extra_owners[held] > 0:
+            self.extra_owners[held] -= 1
+        else:
+            self.pool.free(held)
+        return 1
 
     def resolve_deferred(self):
         pending, self.deferred = self.deferred, []
@@ -209,8 +230,8 @@ class Pager:
         states = region.table.state[pages]
         clean = pages[states == READONLY]
         dirty = pages[(states == NORMAL) | (states == WRITABLE)]
-        done = sum(self.drop_clean(client, region, chunk, runs)
-                   for chunk, runs in batches(clean, DROP_BATCH, MAX_RUNS))
+        done = sum(self.drop_clean(client, region, runs)
+                   for _, runs in batches(clean, DROP_BATCH, MAX_RUNS))
         for chunk, runs in batches(dirty, len(client.staging_pages), MAX_RUNS):
             if self.overflow.closed:   # also once a batch has filled the node
                 region.counters["refused_closed"] += len(dirty) - int(np.searchsorted(
@@ -242,20 +263,29 @@ class Pager:
             region.freed_in_flight[pages] = False
         return freed
 
-    def drop_clean(self, client, region, pages, runs):
+    def drop_clean(self, client, region, runs):
+        """Drop clean read-only pages; the node keeps their entries. Spans reach across
+        pages already demoted (absent: the drop costs them nothing), since each span is
+        one madvise and one REMOVE event the agent waits on us to read. Those pages are
+        in flight too, so a fault on one waits until the drop is done."""
         table = region.table
+        runs = bridged(runs, table.state, DEMOTED)
+        pages = pages_of(runs)
+        gap = table.state[pages] == DEMOTED
         table.set(pages, DEMOTING)
         status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
-        self.settle_forks(client, region, pages, copied=None)
+        self.settle_forks(client, region, pages, copied=None, absent=gap)
         freed = self.settle_freed(region, pages)
         # A page the drop missed is still mapped read-only; one it dropped faults back
         # from its entry. Both are right with the entry kept, so a failure loses nothing.
-        table.set(pages[~freed], DEMOTED if status >= 0 else READONLY)
+        table.set(pages[~freed & gap], DEMOTED)
+        table.set(pages[~freed & ~gap], DEMOTED if status >= 0 else READONLY)
         self.resolve_deferred()
         if status < 0:
             raise UffdError(-status, f"agent could not drop pages: {os.strerror(-status)}")
-        region.counters["clean_redemotions"] += int((~freed).sum())
-        return int((~freed).sum())
+        dropped = int((~freed & ~gap).sum())
+        region.counters["clean_redemotions"] += dropped
+        return dropped
 
     def demote_dirty(self, client, region, pages, runs):
         """Write-protect, copy out, drop (the agent); then store the copies. Pages the full
@@ -301,11 +331,12 @@ class Pager:
         self.resolve_deferred()
         return demoted
 
-    def settle_forks(self, client, region, pages, copied):
+    def settle_forks(self, client, region, pages, copied, absent=None):
         """Children forked while pages were in flight copied them as DEMOTING, a state
         only the end of this batch settles. A child's page is still mapped (forked
         before the drop) or missing: a clean page (copied None) keeps its shared entry,
-        read-only; a dirty one gets the staged copy if there is one (copied True;
+        read-only, and one that was demoted before the batch (mask `absent`) stays
+        demoted; a dirty one gets the staged copy if there is one (copied True;
         skipped where still mapped), as normal memory."""
         for child, mirror in self.forked_during(client, region, pages):
             in_flight = mirror.table.state[pages] == DEMOTING
@@ -313,7 +344,9 @@ class Pager:
             freed[in_flight] = self.settle_freed(mirror, pages[in_flight])
             settle = in_flight & ~freed
             if copied is None:
-                mirror.table.set(pages[settle], READONLY)
+                gap = np.zeros(len(pages), bool) if absent is None else absent
+                mirror.table.set(pages[settle & ~gap], READONLY)
+                mirror.table.set(pages[settle & gap], DEMOTED)
                 continue
             rows = np.flatnonzero(settle) if copied else []
             try:

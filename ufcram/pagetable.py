@@ -96,3 +96,28 @@ def runs_of(pages):
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
     return np.stack((pages[starts], ends - starts), axis=1).astype(np.int64)
+
+
+def bridged(runs, state, across):
+    """Runs merged over the gaps between them in which every page is in state `across`:
+    fewer, longer spans, so that a drop takes one madvise where it took one per run."""
+    if len(runs) < 2:
+        return runs
+    ends = runs[:-1, 0] + runs[:-1, 1]
+    starts = runs[1:, 0]
+    lo, hi = int(runs[0, 0]), int(starts[-1])
+    other = np.concatenate(([0], np.cumsum(state[lo:hi] != across)))
+    joins = other[starts - lo] == other[ends - lo]   # no page of another state between
+    first = np.concatenate(([True], ~joins))
+    group = np.cumsum(first) - 1
+    last = np.zeros(group[-1] + 1, np.int64)
+    np.maximum.at(last, group, runs[:, 0] + runs[:, 1])
+    begin = runs[first, 0]
+    return np.stack((begin, last - begin), 1).astype(np.int64)
+
+
+def pages_of(runs):
+    """The page numbers a set of runs covers, in order."""
+    counts = runs[:, 1]
+    offsets = np.repeat(runs[:, 0] - (np.cumsum(counts) - counts), counts)
+    return (np.arange(int(counts.sum())) + offsets).astype(np.int64)

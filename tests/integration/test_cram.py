@@ -78,6 +78,26 @@ def test_clean_read_only_pages_are_demoted_again_without_recompression(node):
     r.close()
 
 
+def test_clean_drop_reaches_across_demoted_pages_and_spares_the_rest(node):
+    # read-only pages between demoted ones go in one drop (its span crosses the
+    # demoted pages); a written page in between must keep its bytes, and so must all
+    data = text_pages(16, seed=4)
+    r, a = filled(node, data)
+    r.demote()
+    assert sum(int(a[p, 0]) for p in range(0, 16, 2)) >= 0   # even pages: read-only
+    a[6, 1] ^= 0xFF                                          # page 6: written
+    data[6, 1] ^= 0xFF
+    before = r.stats()
+    assert r.demote() == 8                                   # 7 clean drops, 1 dirty
+    s = r.stats()
+    assert s["clean_redemotions"] - before["clean_redemotions"] == 7
+    assert s["demotions"] - before["demotions"] == 1
+    assert (s["demoted"], s["readonly"], s["resident"]) == (16, 0, 0)
+    assert np.array_equal(a, data)
+    del a
+    r.close()
+
+
 def test_write_under_budget_makes_the_page_writable_on_the_node(node):
     data = text_pages(4, seed=2)
     r, a = filled(node, data, write_budget=4)

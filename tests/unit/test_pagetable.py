@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from ufcram.errors import RegionError
-from ufcram.pagetable import DEMOTED, NORMAL, PAGE_SIZE, READONLY, PageTable, runs_of
+from ufcram.pagetable import (DEMOTED, NORMAL, PAGE_SIZE, READONLY, PageTable, bridged,
+                              pages_of, runs_of)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -48,3 +49,18 @@ def test_copy_moves_state_to_a_new_base():
 def test_runs_of():
     assert runs_of(np.array([1, 2, 3, 7, 9, 10])).tolist() == [[1, 3], [7, 1], [9, 2]]
     assert runs_of(np.array([], np.int64)).shape == (0, 2)
+
+
+def test_bridged_joins_runs_only_across_pages_in_the_given_state():
+    D, N, R = DEMOTED, NORMAL, READONLY
+    state = np.array([R, D, R, D, D, R, N, R, R, D, R], np.uint8)
+    runs = runs_of(np.array([0, 2, 5, 7, 8, 10]))
+    # 0..5 only cross demoted pages; page 6 (normal) breaks; 8..10 cross page 9
+    assert bridged(runs, state, DEMOTED).tolist() == [[0, 6], [7, 4]]
+    assert bridged(runs[:1], state, DEMOTED).tolist() == [[0, 1]]
+    assert bridged(runs, np.full(11, N, np.uint8), DEMOTED).tolist() == runs.tolist()
+
+
+def test_pages_of_lists_every_page_of_the_runs():
+    assert pages_of(np.array([[3, 2], [7, 1], [10, 3]])).tolist() == [3, 4, 7, 10, 11, 12]
+    assert pages_of(np.empty((0, 2), np.int64)).tolist() == []
