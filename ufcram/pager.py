@@ -345,7 +345,7 @@ class Pager:
             settle = in_flight & ~freed
             if copied is None:
                 gap = np.zeros(len(pages), bool) if absent is None else absent
-                mirror.table.set(pages[settle & ~gap], READONLY)
+                self.map_read_only(child, mirror, pages[settle & ~gap])
                 mirror.table.set(pages[settle & gap], DEMOTED)
                 continue
             rows = np.flatnonzero(settle) if copied else []
@@ -361,6 +361,32 @@ class Pager:
                     log.error("forked child of pid %d: staged pages not copied: %s",
                               client.pid, e)
             mirror.table.set(pages[settle], NORMAL)
+
+    def map_read_only(self, child, mirror, pages):
+        """A forked child's clean pages of a drop: mapped read-only from their entries,
+        for the child may have forked before the drop (the page is still there: EEXIST,
+        skipped) or after it (absent). Read-only must mean present: promotion only
+        unprotects a read-only page, and an absent one would then read as zeros."""
+        table, n = mirror.table, len(self.bounce)
+        # not the bounce buffer: faults served while retrying (despite_events) use it
+        buf = np.empty((min(n, len(pages)), PAGE_SIZE), np.uint8)
+        for at in range(0, len(pages), n):
+            chunk = pages[at:at + n]
+            self.pool.load_many(table.entry[chunk], buf[:len(chunk)])
+            try:
+                self.despite_events(child, child.uffd.copy_many,
+                                    table.base + chunk * PAGE_SIZE,
+                                    address_of(buf) + np.arange(len(chunk)) * PAGE_SIZE,
+                                    True)
+            except UffdError as e:
+                # ENOENT/ESRCH: unmapped or exited meanwhile. Otherwise presence is
+                # unknown: demoted is right either way (a fault restores from the entry)
+                if e.errno not in (errno.ENOENT, errno.ESRCH):
+                    log.error("forked child of pid %d: clean pages not mapped: %s",
+                              child.pid, e)
+                table.set(chunk, DEMOTED)
+                continue
+            table.set(chunk, READONLY)
 
     def forked_during(self, client, region, pages):
         """(descendant client, its copy of region) for each holding any of pages in flight."""
