@@ -99,8 +99,9 @@ class Pager:
         table = region.table
         count = self.run_length(region, page, UNTOUCHED)
         self.map_zeros(client, table.address_of(page), write)
-        if count > 1:
-            client.uffd.zeropage(table.address_of(page + 1), (count - 1) * PAGE_SIZE)
+        if count > 1:   # the kernel stops at a page already there: only those before it
+            count = 1 + client.uffd.zeropage(table.address_of(page + 1),
+                                             (count - 1) * PAGE_SIZE) // PAGE_SIZE
         table.set(np.arange(page, page + count), NORMAL)
         region.counters["zero_fills"] += count
 
@@ -134,8 +135,13 @@ class Pager:
         else:
             pages = np.arange(page, page + count)
             self.pool.load_many(table.entry[pages], self.bounce[:count])
-        client.uffd.copy(table.address_of(page), self.bounce_addr, count * PAGE_SIZE,
-                         wp=not write)
+        done = client.uffd.copy(table.address_of(page), self.bounce_addr, count * PAGE_SIZE,
+                                wp=not write) // PAGE_SIZE
+        if 1 < count and done < count:
+            # the kernel stopped at a page already there: only those before it came in
+            # (the faulting page itself is there either way)
+            count = max(done, 1)
+            pages = pages[:count]
         region.counters["restores"] += count
         if write:
             self.release(table, page)

@@ -161,12 +161,20 @@ class Uffd:
                (0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE)
         done = ffi.new("int64_t *")
         rc = lib.ufc_uffd_copy(self.fd, dst, src, length, mode, done)
+        return self._installed(rc, int(done[0]), dst, length, wake, "UFFDIO_COPY")
+
+    def _installed(self, rc, done, start, length, wake, what):
+        """Bytes a multi-page install put in. The kernel stops at a page already present:
+        EEXIST there at the first page, else EAGAIN with the bytes done so far (it has
+        woken their waiters); neither is an error to the caller, who marks only those."""
         if rc == -errno.EEXIST:
             if wake:
-                self.wake(dst, length)
-            return max(int(done[0]), 0)
-        _check(rc, f"UFFDIO_COPY {dst:#x}+{length:#x}")
-        return int(done[0])
+                self.wake(start, length)
+            return max(done, 0)
+        if rc == -errno.EAGAIN and done > 0:
+            return done
+        _check(rc, f"{what} {start:#x}+{length:#x}")
+        return done
 
     def copy_many(self, dsts, srcs, wp=False):
         """Install one page at each dsts[i] from srcs[i] in one native call; a page that
@@ -191,12 +199,7 @@ class Uffd:
         done = ffi.new("int64_t *")
         mode = 0 if wake else lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE
         rc = lib.ufc_uffd_zeropage(self.fd, start, length, mode, done)
-        if rc == -errno.EEXIST:
-            if wake:
-                self.wake(start, length)
-            return 0
-        _check(rc, f"UFFDIO_ZEROPAGE {start:#x}+{length:#x}")
-        return int(done[0])
+        return self._installed(rc, int(done[0]), start, length, wake, "UFFDIO_ZEROPAGE")
 
     def writeprotect(self, start, length, protect=True, wake=True):
         mode = (lib.UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | \

@@ -104,6 +104,20 @@ def test_copy_onto_present_page_is_benign(area):
     assert mm[:4] == b"keep"
 
 
+def test_multi_page_ioctls_stop_at_a_present_page_and_say_how_far(area):
+    # fault-around marks only the pages a multi-page ioctl installed
+    uffd, mm, base = area
+    populate(uffd, base + 2 * PAGE_SIZE, np.frombuffer(b"keep" * 1024, np.uint8))
+    assert uffd.zeropage(base, 4 * PAGE_SIZE) == 2 * PAGE_SIZE
+    src = np.tile(pattern(5), 4)
+    populate(uffd, base + 6 * PAGE_SIZE, np.frombuffer(b"keep" * 1024, np.uint8))
+    assert uffd.copy(base + 4 * PAGE_SIZE, address_of(src), 4 * PAGE_SIZE) == 2 * PAGE_SIZE
+    assert mm[:2 * PAGE_SIZE] == bytes(2 * PAGE_SIZE)
+    assert mm[2 * PAGE_SIZE:2 * PAGE_SIZE + 4] == b"keep"
+    assert mm[4 * PAGE_SIZE:6 * PAGE_SIZE] == src[:2 * PAGE_SIZE].tobytes()
+    assert mm[6 * PAGE_SIZE:6 * PAGE_SIZE + 4] == b"keep"
+
+
 def test_batched_read_of_many_faults(area):
     """Eight faults queued before the resolver starts arrive in one batched read."""
     import threading
