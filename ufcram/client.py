@@ -63,6 +63,7 @@ class Client:
         # the agent's own drops in flight: where the next REMOVE of each span starts ->
         # where the span ends (the kernel sends one event per VMA the span crosses)
         self.expected_removes = {}
+        self.in_batch = False   # a command to the agent awaits its reply
         self.next_region = 1
         self._starts = []   # region bases, sorted: bisect is cheaper than numpy per fault
         self._ids = []

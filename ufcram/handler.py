@@ -25,7 +25,7 @@ from .pager import POLLIN, Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
 from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
-from .wakeup import FastWake
+from .wakeup import FastWake, poll_spinning
 
 log = logging.getLogger("ufcram.handler")
 DEPARTED = ("clients", "faults", "demotions", "clean_redemotions", "restores", "promotions",
@@ -112,19 +112,12 @@ class Handler:
             self.after_events()
 
     def wait(self):
-        """The next events. Poll without sleeping for a moment first: a faulting thread
-        that finds the handler asleep on another CPU waits ~100 us for its wake-up."""
-        deadline = time.perf_counter() + self.spin
-        while True:
-            events = self.poller.poll(0)
-            if events or time.perf_counter() >= deadline:
-                break
-        if events:
-            return events
+        """The next events, or none once the periodic scan or the fast wake-up request
+        is due."""
         now = time.monotonic()
         lapse = self.fast_wake.timeout(now)
         due = self.next_scan - now if lapse is None else min(lapse, self.next_scan - now)
-        return self.poller.poll(max(0, due) * 1000)
+        return poll_spinning(self.poller, self.spin, max(0, due) * 1000)
 
     def after_events(self):
         """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
@@ -319,11 +312,11 @@ class Handler:
             except UffdError as e:
                 log.error("client pid %d: reading its uffd failed: %s", client.pid, e)
                 return self.drop_client(client)
-            batch = self.msgs[:n].copy()   # nested drains (await_agent) reuse self.msgs
+            # tuples, not views: nested drains (await_agent) reuse self.msgs
+            batch = self.msgs[:n][["event", "arg0", "arg1", "arg2"]].tolist()
             if n:
                 self.fast_wake.fault()
-            for event, a0, a1, a2 in zip(batch["event"].tolist(), batch["arg0"].tolist(),
-                                         batch["arg1"].tolist(), batch["arg2"].tolist()):
+            for event, a0, a1, a2 in batch:
                 if event == EVENT_PAGEFAULT:
                     region = self.pager.fault(client, a1 & ~(PAGE_SIZE - 1), a0,
                                               a2 & 0xFFFFFFFF)

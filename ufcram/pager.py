@@ -17,6 +17,7 @@ from .pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY
                         UNTOUCHED, WRITABLE, bridged, pages_of, runs_of)
 from .policy import TAIL_PERCENTILE
 from .uffd import FLAG_WP, FLAG_WRITE, address_of
+from .wakeup import poll_spinning
 
 log = logging.getLogger("ufcram.handler")
 POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -42,6 +43,7 @@ class Pager:
         self.clients = clients          # uffd fd -> Client, shared with the handler
         self.serve_uffd = serve_uffd    # reads and dispatches one uffd's messages
         self.agent_timeout_ms = agent_timeout_ms
+        self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6
         # restores decompress here, then one UFFDIO_COPY installs the whole run
         self.bounce = np.zeros((config.get("UFCRAM_FAULT_AROUND") or 1, PAGE_SIZE), np.uint8)
         self.bounce_addr = address_of(self.bounce)
@@ -223,9 +225,16 @@ class Pager:
         return 1
 
     def resolve_deferred(self):
+        """Retry the deferred faults. Those of a client whose agent is in a batch wait
+        for its end, which retries them: its drops keep the kernel answering EAGAIN, and
+        each retry cost a decompression. The agent's own faults never wait: the batch
+        cannot end without them."""
         pending, self.deferred = self.deferred, []
-        for client, addr, flags, tid in pending:
-            if client.ready:
+        for fault in pending:
+            client, addr, flags, tid = fault
+            if client.in_batch and tid != client.agent_tid:
+                self.deferred.append(fault)
+            elif client.ready:
                 self.fault(client, addr, flags, tid)
 
     # --- demotion ------------------------------------------------------------------
@@ -254,10 +263,12 @@ class Pager:
         REMOVE events for exactly these spans."""
         client.expected_removes = {a: a + n for a, n in spans.tolist()}
         client.agent.send(op, spans)
+        client.in_batch = True
         try:
             return self.await_agent(client)
         finally:
             client.expected_removes = {}
+            client.in_batch = False
 
     def settle_freed(self, region, pages):
         """Pages the application freed while in flight: zeros from now on. Returns the
@@ -437,7 +448,7 @@ class Pager:
         for fd in self.clients:
             poller.register(fd, POLLIN)
         while True:
-            events = poller.poll(self.agent_timeout_ms)
+            events = poll_spinning(poller, self.spin, self.agent_timeout_ms)
             if not events:
                 raise HandlerError(f"agent of pid {client.pid} did not answer in time")
             for fd, _ in events:

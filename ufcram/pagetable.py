@@ -35,9 +35,10 @@ class PageTable:
 
     def set(self, pages, state):
         """Move one page, or an array of distinct pages, to state."""
-        if np.ndim(pages) == 0:
-            self.tally[self.state[pages]] -= 1
-            self.tally[state] += 1
+        if isinstance(pages, (int, np.integer)):   # a fault's page: no numpy reductions
+            tally = self.tally
+            tally[self.state[pages]] -= 1
+            tally[state] += 1
         else:
             self.tally -= np.bincount(self.state[pages], minlength=len(STATE_NAMES))
             self.tally[state] += len(pages)
@@ -82,7 +83,8 @@ class PageTable:
 
     @property
     def resident(self):
-        return int(self.tally[PRESENT].sum())
+        normal, demoting, _, readonly, writable = self.tally.tolist()[1:]   # per fault:
+        return normal + demoting + readonly + writable                      # no fancy index
 
     def counts(self):
         return {name: int(self.tally[i]) for i, name in enumerate(STATE_NAMES)}

@@ -108,6 +108,7 @@ class Uffd:
     def __init__(self, fd, features):
         self.fd = fd
         self.features = features
+        self._done = ffi.new("int64_t *")   # out-parameter of installs, reused per fault
 
     @classmethod
     def open(cls, want=WANTED, require=REQUIRED, user_mode_only=None):
@@ -159,9 +160,8 @@ class Uffd:
         the waiters are woken and 0 is returned."""
         mode = (lib.UFFDIO_COPY_MODE_WP if wp else 0) | \
                (0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE)
-        done = ffi.new("int64_t *")
-        rc = lib.ufc_uffd_copy(self.fd, dst, src, length, mode, done)
-        return self._installed(rc, int(done[0]), dst, length, wake, "UFFDIO_COPY")
+        rc = lib.ufc_uffd_copy(self.fd, dst, src, length, mode, self._done)
+        return self._installed(rc, int(self._done[0]), dst, length, wake, "UFFDIO_COPY")
 
     def _installed(self, rc, done, start, length, wake, what):
         """Bytes a multi-page install put in. The kernel stops at a page already present:
@@ -196,10 +196,9 @@ class Uffd:
             _raise(int(results[bad[0]]), f"UFFDIO_COPY of {len(bad)} pages, first {first:#x}")
 
     def zeropage(self, start, length, wake=True):
-        done = ffi.new("int64_t *")
         mode = 0 if wake else lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        rc = lib.ufc_uffd_zeropage(self.fd, start, length, mode, done)
-        return self._installed(rc, int(done[0]), start, length, wake, "UFFDIO_ZEROPAGE")
+        rc = lib.ufc_uffd_zeropage(self.fd, start, length, mode, self._done)
+        return self._installed(rc, int(self._done[0]), start, length, wake, "UFFDIO_ZEROPAGE")
 
     def writeprotect(self, start, length, protect=True, wake=True):
         mode = (lib.UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | \

@@ -1,5 +1,6 @@
-"""Fast wake-ups while faults flow: a PM QoS request for 0 us CPU wake-up latency
-(/dev/cpu_dma_latency), held from a fault until UFCRAM_FAST_WAKE_MS after the last.
+"""Fast wake-ups: polling without sleeping for a moment before blocking, and, while
+faults flow, a PM QoS request for 0 us CPU wake-up latency (/dev/cpu_dma_latency),
+held from a fault until UFCRAM_FAST_WAKE_MS after the last.
 
 A thread that faults sleeps until the handler's UFFDIO_COPY wakes it. If its CPU went
 idle meanwhile, a virtual machine has halted that CPU, and the wake-up costs ~100 us
@@ -19,6 +20,16 @@ from . import config
 log = logging.getLogger("ufcram.handler")
 DEVICE = "/dev/cpu_dma_latency"
 NO_CONSTRAINT = 2_000_000_000   # us: the kernel's default, PM_QOS_CPU_LATENCY_DEFAULT_VALUE
+
+
+def poll_spinning(poller, spin_s, timeout_ms):
+    """poller.poll(timeout_ms), but polled without sleeping for spin_s first: a thread
+    that finds us asleep on another CPU waits for our wake-up (~100 us in a VM)."""
+    deadline = time.perf_counter() + spin_s
+    while True:
+        events = poller.poll(0)
+        if events or time.perf_counter() >= deadline:
+            return events or poller.poll(timeout_ms)
 
 
 class FastWake:
