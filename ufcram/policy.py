@@ -122,7 +122,10 @@ def exposed_pages(capacity, stored_pages, stored_bytes):
 class Readahead:
     """Fault-around for one region, like the kernel's swap readahead: a fault right
     after the previous run doubles the window, any other fault shrinks it to one page,
-    so sequential scans restore in runs and random access pays for nothing extra."""
+    so sequential scans restore in runs and random access pays for nothing extra.
+    "Right after" allows a stretch of pages still in memory between the run and the
+    fault (up to a window's worth): a scan over memory partly resident from its last
+    pass faults only past those pages, and is still sequential."""
 
     def __init__(self, max_pages):
         self.max_pages = max(1, int(max_pages))
@@ -131,7 +134,9 @@ class Readahead:
 
     def pages(self, page):
         """How many pages, from `page` on, to bring in for a fault at `page`."""
-        self.window = min(self.window * 2, self.max_pages) if page == self.next else 1
+        ahead = page - self.next
+        sequential = self.next >= 0 and 0 <= ahead <= self.max_pages
+        self.window = min(self.window * 2, self.max_pages) if sequential else 1
         self.next = page + self.window
         return self.window
 

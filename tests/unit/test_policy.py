@@ -81,3 +81,11 @@ def test_readahead_grows_on_sequential_faults_and_resets_on_random_ones():
     ra.pages(4)
     ra.ran(4, 1)                                 # fewer came in than asked
     assert ra.pages(5) == 4
+
+
+def test_readahead_stays_sequential_across_pages_still_in_memory():
+    ra = Readahead(8)
+    assert [ra.pages(p) for p in (0, 1, 3)] == [1, 2, 4]
+    ra.ran(3, 2)                                 # cut short by a resident page at 5
+    assert ra.pages(9) == 8                      # faults after 4 resident pages
+    assert ra.pages(9 + 8 + 9) == 1              # further than a window: random
