@@ -116,7 +116,10 @@ class Pager:
     def run_length(self, region, page, state):
         """Pages from `page` on to bring in now: the readahead window, cut at the first
         page of the run ahead that is not in `state`."""
-        want = min(region.readahead.pages(page), len(self.bounce), region.table.npages - page)
+        skipped = region.readahead.skipped(page)
+        read_through = skipped is not None and bool(region.table.present(*skipped).all())
+        want = min(region.readahead.pages(page, read_through), len(self.bounce),
+                   region.table.npages - page)
         if want <= 1:   # random access: the common case, kept free of numpy calls
             region.readahead.ran(page, 1)
             return 1

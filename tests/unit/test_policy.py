@@ -87,5 +87,9 @@ def test_readahead_stays_sequential_across_pages_still_in_memory():
     ra = Readahead(8)
     assert [ra.pages(p) for p in (0, 1, 3)] == [1, 2, 4]
     ra.ran(3, 2)                                 # cut short by a resident page at 5
-    assert ra.pages(9) == 8                      # faults after 4 resident pages
-    assert ra.pages(9 + 8 + 9) == 1              # further than a window: random
+    assert ra.skipped(9) == (5, 9)
+    assert ra.pages(9, read_through=True) == 8   # faults after 4 resident pages
+    assert ra.skipped(9 + 8 + 9) is None         # further than a window
+    assert ra.pages(9 + 8 + 9, read_through=True) == 1
+    ra.pages(30)
+    assert ra.pages(32) == 1                     # page 31 was not in memory: a stride
