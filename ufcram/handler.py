@@ -282,15 +282,21 @@ class Handler:
         return b""
 
     def stats(self, client, fds, rid):
-        if rid != P.NODE:
+        if rid not in (P.NODE, P.NODE_SUMMARY):
             return P.json_payload(client.region(rid).stats())
         pool = self.pool.stats()
-        return self.node_stats_payload({
+        summary = {
             **pool, "clients": sum(c.ready for c in self.clients.values()),   # not observers
             "node_closed": self.overflow.closed, "overflow_events": self.overflow.events,
             "exposed_pages": exposed_pages(self.pool.capacity, pool["pages_stored"],
                                            pool["compr_data_size"]),
-            "writable_pages": self.pager.writable_total(), "departed": self.departed})
+            "writable_pages": self.pager.writable_total(),
+            "demoted_pages": sum(int(r.table.tally[DEMOTED]) for c in self.by_uffd.values()
+                                 for r in c.regions.values()),
+            "departed": self.departed}
+        if rid == P.NODE_SUMMARY:
+            return P.json_payload(summary)
+        return self.node_stats_payload(summary)
 
     def client_stats(self, client):
         tallies = [r.stats() for r in client.regions.values()]
@@ -335,9 +341,10 @@ class Handler:
     # --- node statistics (STATS of the NODE) -------------------------------------------
     @staticmethod
     def observes(op, payload):
-        """STATS of the NODE is allowed before HELLO: `ufcram stat` observes a node
-        without becoming a memory client (it has no uffd, agent or regions)."""
-        return op == P.STATS and payload == P.pack_request(P.STATS, P.NODE)
+        """STATS of the NODE (or its summary) is allowed before HELLO: `ufcram stat`
+        observes a node without becoming a memory client (no uffd, agent or regions)."""
+        return op == P.STATS and payload in (P.pack_request(P.STATS, P.NODE),
+                                             P.pack_request(P.STATS, P.NODE_SUMMARY))
 
     def node_stats_payload(self, summary, most=200):
         """The NODE reply: summary and the largest clients (resident + demoted), at most

@@ -89,10 +89,12 @@ class Node:
         state = "running" if code is None else f"exited with status {code}"
         return f"the ufcram handler (pid {self.process.pid}, {state})"
 
-    def stats(self):
+    def stats(self, summary=False):
+        """The node's counters, with its largest clients unless summary (then O(1) in
+        the pool's entries: for sampling while programs run)."""
         if self.closed:
             raise HandlerError("node is closed")
-        return json.loads(self.connection.call(P.STATS, P.NODE))
+        return json.loads(self.connection.call(P.STATS, P.NODE_SUMMARY if summary else P.NODE))
 
     def set_capacity(self, capacity):
         """Change the node's physical capacity (bytes) while it runs, as a balloon would.

@@ -80,6 +80,9 @@ class Pool:
         self._percentiles = {}   # q -> ratio, until the histogram changes (write faults ask)
         self._meta += self._size_histogram.nbytes
         self._arena_bytes = self._peak = self._compacted = 0
+        # live entries' stored bytes, same-filled and raw counts: stats() in O(1), as
+        # `ufcram run` samples them while a program runs
+        self._live_bytes = self._live_same = self._live_huge = 0
 
     # --- ownership, validation, metadata arrays ---
     def _own(self):
@@ -279,6 +282,7 @@ class Pool:
             self._free_handles = self._resize(self._free_handles, cap)
         sizes = np.fromiter(sz, np.int64, k)
         self._location[h], self._size[h] = lo, sizes
+        self._count_live(sizes, 1)
         np.add.at(self._size_histogram, sizes, 1)
         self._percentiles.clear()
         self._peak = max(self._peak, self._arena_bytes + self._meta)
@@ -331,6 +335,9 @@ class Pool:
         n = int(self._size[h])
         if n:
             self._push(self._class_of[n], int(self._location[h]))
+        self._live_bytes -= n
+        self._live_same -= n == 0
+        self._live_huge -= n == PAGE_SIZE
         self._size[h] = -1
         self._free_handles[self._handles_free] = h
         self._handles_free += 1
@@ -345,9 +352,15 @@ class Pool:
         for n, loc in zip(sizes.tolist(), self._location[h].tolist()):
             if n:
                 push(cls_of[n], loc)
+        self._count_live(sizes, -1)
         self._size[h] = -1
         self._free_handles[self._handles_free:self._handles_free + len(h)] = h
         self._handles_free += len(h)
+
+    def _count_live(self, sizes, sign):
+        self._live_bytes += sign * int(sizes.sum(dtype=np.int64))
+        self._live_same += sign * int(np.count_nonzero(sizes == 0))
+        self._live_huge += sign * int(np.count_nonzero(sizes == PAGE_SIZE))
 
     def _push(self, c, loc):
         """Put a freed slot on its class's stack."""
@@ -473,18 +486,15 @@ class Pool:
         return int(np.searchsorted(np.cumsum(self._size_histogram), rank)) / PAGE_SIZE
 
     def stats(self):
-        """zram-style counters (mem_used_total: see the class docstring). Entry counts are
-        derived from the per-entry arrays: O(entries), for monitoring, not per page."""
+        """zram-style counters (mem_used_total: see the class docstring), in O(1)."""
         self._own()
-        used, live, sizes = self.mem_used_total, len(self), self._size[:self._handles_issued]
+        used, live = self.mem_used_total, len(self)
         return {
-            "orig_data_size": live * PAGE_SIZE,
-            # a free handle's size is -1: add them back
-            "compr_data_size": int(sizes.sum(dtype=np.int64)) + self._handles_free,
+            "orig_data_size": live * PAGE_SIZE, "compr_data_size": self._live_bytes,
             "mem_used_total": used, "mem_limit": self._capacity_bytes,
             "mem_used_max": max(self._peak, used),
-            "same_pages": int(np.count_nonzero(sizes == 0)), "pages_compacted": self._compacted,
-            "huge_pages": int(np.count_nonzero(sizes == PAGE_SIZE)), "pages_stored": live,
+            "same_pages": self._live_same, "pages_compacted": self._compacted,
+            "huge_pages": self._live_huge, "pages_stored": live,
             "arena_bytes": self._arena_bytes, "meta_bytes": self._meta,
             "ratio_percentiles": {f"p{q}": self.ratio_percentile(q) for q in PERCENTILES},
         }

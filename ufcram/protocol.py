@@ -21,7 +21,7 @@ HELLO = lib.UFC_PROTO_HELLO                # fds: uffd, agent socket, staging me
 REGISTER = lib.UFC_PROTO_REGISTER          # start, length, resident limit, budget -> id
 UNREGISTER = lib.UFC_PROTO_UNREGISTER      # region id, restore flag -> pages restored
 DEMOTE = lib.UFC_PROTO_DEMOTE              # region id, offset, length -> pages demoted
-STATS = lib.UFC_PROTO_STATS                # region id (or NODE) -> JSON
+STATS = lib.UFC_PROTO_STATS                # region id (or NODE[_SUMMARY]) -> JSON
 SET_CAPACITY = lib.UFC_PROTO_SET_CAPACITY  # node capacity in bytes
 LIMITS = lib.UFC_PROTO_LIMITS              # the client's resident limit, all regions
 PING = lib.UFC_PROTO_PING                  # is the handler there? (no payload)
@@ -29,7 +29,8 @@ PING = lib.UFC_PROTO_PING                  # is the handler there? (no payload)
 OK = lib.UFC_PROTO_OK
 ERROR = lib.UFC_PROTO_ERROR
 
-NODE = 0xFFFFFFFF
+NODE = 0xFFFFFFFF           # STATS: the node, with its largest clients
+NODE_SUMMARY = 0xFFFFFFFE   # STATS: the node's totals alone, O(1) in its entries
 NO_LIMIT = (1 << 64) - 1   # REGISTER: no resident limit
 AUTO_BUDGET = -1           # REGISTER: write budget "auto"
 

@@ -72,13 +72,13 @@ class Sampler(threading.Thread):
     def run(self):
         while not self.stop.wait(self.interval):
             try:
-                self.sample(self.node.stats())
+                self.sample(self.node.stats(summary=True))
             except UfcramError:
                 return
             self.peak["rss"] = max(self.peak["rss"], high_water_rss(self.pid))
 
     def sample(self, s):
-        held = sum(c["demoted"] for c in s["per_client"])
+        held = s["demoted_pages"]
         peak = self.peak
         peak["held_pages"] = max(peak["held_pages"], held)
         peak["pool_bytes"] = max(peak["pool_bytes"], s["mem_used_total"])

@@ -394,8 +394,13 @@ def test_scan_reaps_an_exited_forked_child(monkeypatch):
         if pid == 0:
             os.read(rfd, 1)                   # exit when the parent says so
             os._exit(0)
-        forked = [c for c in n.stats()["per_client"] if c["forked"]]
+        full, summary = n.stats(), n.stats(summary=True)
+        forked = [c for c in full["per_client"] if c["forked"]]
         assert len(forked) == 1 and forked[0]["demoted"] == 4
+        # the summary `ufcram run` samples: the totals, counted over forked children too
+        assert "per_client" not in summary
+        assert summary["demoted_pages"] == sum(c["demoted"] for c in full["per_client"]) == 8
+        assert summary["pages_stored"] == full["pages_stored"]
         os.write(wfd, b"x")
         os.waitpid(pid, 0)
         for _ in range(200):
