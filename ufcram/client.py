@@ -57,6 +57,7 @@ class Client:
         self.staging = None
         self.staging_pages = None
         self.staging_addr = 0
+        self.staging_used = False   # holds pages since its last release_staging()
         self.regions = {}
         self.limit = ResidentLimit(None)   # over all regions (LIMITS), besides each one's
         self.retired = dict.fromkeys(COUNTERS, 0)   # counters of the regions it released
@@ -101,6 +102,18 @@ class Client:
         # a send to an agent socket whose queue is full must fail, not stall the handler
         self.agent.sock.setblocking(False)
         self.uffd = Uffd(uffd_fd, features)
+
+    def release_staging(self):
+        """Give the staging buffer's memory back: between demotions it only holds copies
+        already stored, and every client would otherwise keep its whole size resident.
+        Not after each batch: refilling it costs the agent a page fault per page."""
+        if not self.staging_used:
+            return
+        self.staging_used = False
+        try:
+            self.staging.madvise(mmap.MADV_REMOVE)
+        except (OSError, ValueError):   # not ours to insist on: a client's odd memfd
+            pass
 
     def add_region(self, start, length, resident_limit=None, write_budget=0):
         if start % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:

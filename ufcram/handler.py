@@ -166,8 +166,10 @@ class Handler:
 
     def scan(self):
         """Reap what no event told us about: forked children that have exited, and pool
-        entries no page table refers to."""
+        entries no page table refers to; give back staging memory."""
         self.reap_exited()
+        for client in self.by_uffd.values():
+            client.release_staging()
         held = [r.table.entry for c in self.by_uffd.values() for r in c.regions.values()]
         orphans = self.pool.orphans(np.concatenate(held) if held else np.empty(0, np.int64))
         if len(orphans):
@@ -273,7 +275,10 @@ class Handler:
         region = client.region(rid)
         first, last = region.table.page_range(offset, length)
         present = first + np.flatnonzero(region.table.present(first, last))
-        return P.COUNT.pack(self.pager.demote(client, region, present))
+        try:
+            return P.COUNT.pack(self.pager.demote(client, region, present))
+        finally:
+            client.release_staging()   # asked to free memory: all of it
 
     def set_capacity(self, client, fds, capacity):
         self.pool.capacity = capacity

@@ -315,6 +315,7 @@ class Pager:
         spans = self.spans(table, runs)
         table.set(pages, DEMOTING)
         status, staged = self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
+        client.staging_used = True
         self.settle_forks(client, region, pages, copied=bool(staged))
         freed = self.settle_freed(region, pages)
         if status < 0:
