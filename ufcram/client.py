@@ -64,7 +64,6 @@ class Client:
         # the agent's own drops in flight: where the next REMOVE of each span starts ->
         # where the span ends (the kernel sends one event per VMA the span crosses)
         self.expected_removes = {}
-        self.in_batch = False   # a command to the agent awaits its reply
         self.next_region = 1
         self._starts = []   # region bases, sorted: bisect is cheaper than numpy per fault
         self._ids = []
@@ -152,6 +151,7 @@ class Client:
     def remove_region(self, rid):
         for key, value in self.region(rid).counters.items():
             self.retired[key] += value
+        self.regions[rid].table.leave()
         del self.regions[rid]
         self._index()
 
@@ -170,11 +170,18 @@ class Client:
         self.next_region += 1
         region = ManagedRegion(rid, table, write_budget=like.budget.spec)
         region.limit = like.limit
+        if like.table.shared is not None:
+            table.join(like.table.shared)
         self.regions[rid] = region
         self._index()
 
     def relocate(self, rid, table):
         """Give region rid a new page table (the application moved it with mremap)."""
+        old = self.regions[rid].table
+        if old.shared is not None:
+            shared = old.shared
+            old.leave()
+            table.join(shared)
         self.regions[rid].table = table
         self._index()
 

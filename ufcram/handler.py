@@ -28,6 +28,7 @@ from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
 from .wakeup import FastWake, poll_spinning
 
 log = logging.getLogger("ufcram.handler")
+DEFERRED_RETRY = 0.001   # seconds between retries of faults that met EAGAIN
 DEPARTED = ("clients", "faults", "demotions", "clean_redemotions", "restores", "promotions",
             "zero_fills")
 
@@ -89,6 +90,7 @@ class Handler:
         """The client is gone or broke the protocol: release everything it held."""
         for region in client.regions.values():
             self.pager.release(region.table, np.flatnonzero(region.table.entry != NO_ENTRY))
+            region.table.leave()
         if client.conn is not None and self.clients.pop(client.conn.fileno(), None):
             self.poller.unregister(client.conn.fileno())
         if client.ready and self.by_uffd.pop(client.uffd.fd, None):
@@ -117,10 +119,16 @@ class Handler:
         now = time.monotonic()
         lapse = self.fast_wake.timeout(now)
         due = self.next_scan - now if lapse is None else min(lapse, self.next_scan - now)
+        if self.pager.deferred:   # retried soon even if no event comes (after_events)
+            due = min(due, DEFERRED_RETRY)
         return poll_spinning(self.poller, self.spin, max(0, due) * 1000)
 
     def after_events(self):
         """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
+        if self.pager.deferred:
+            # a fault that met EAGAIN after the last event was read (the thread that
+            # caused it had not resumed yet) would otherwise wait for an unrelated event
+            self.pager.resolve_deferred()
         # faults served while an eviction waits on the agent touch regions again:
         # enforce until none was (bounded, in case the application outruns us)
         for _ in range(8):
@@ -170,11 +178,21 @@ class Handler:
         self.reap_exited()
         for client in self.by_uffd.values():
             client.release_staging()
+        self.check_auto_writable()
         held = [r.table.entry for c in self.by_uffd.values() for r in c.regions.values()]
         orphans = self.pool.orphans(np.concatenate(held) if held else np.empty(0, np.int64))
         if len(orphans):
             log.warning("reaping %d orphaned pool entries", len(orphans))
             self.pool.free_many(orphans)
+
+    def check_auto_writable(self):
+        """The shared count the auto budgets read against the sum it stands for: a
+        drift would let them grant too much (or too little), so say so and mend it."""
+        actual = self.pager.writable_total(auto_only=True)
+        if actual != self.pager.auto_writable.pages:
+            log.error("auto-budget writable count drifted: %d counted, %d in the tables",
+                      self.pager.auto_writable.pages, actual)
+            self.pager.auto_writable.pages = actual
 
     def reap_exited(self):
         for client in list(self.by_uffd.values()):
@@ -253,7 +271,10 @@ class Handler:
         limit = None if resident_limit == P.NO_LIMIT else resident_limit
         budget = "auto" if write_budget == P.AUTO_BUDGET else write_budget
         client.check_quota(length, self.max_regions, self.max_client_bytes)
-        return P.COUNT.pack(client.add_region(start, length, limit, budget))
+        rid = client.add_region(start, length, limit, budget)
+        if budget == "auto":
+            client.region(rid).table.join(self.pager.auto_writable)
+        return P.COUNT.pack(rid)
 
     def unregister(self, client, fds, rid, restore):
         region = client.region(rid)
@@ -296,6 +317,7 @@ class Handler:
             "exposed_pages": exposed_pages(self.pool.capacity, pool["pages_stored"],
                                            pool["compr_data_size"]),
             "writable_pages": self.pager.writable_total(),
+            "auto_budget_writable_pages": self.pager.auto_writable.pages,
             "demoted_pages": sum(int(r.table.tally[DEMOTED]) for c in self.by_uffd.values()
                                  for r in c.regions.values()),
             "departed": self.departed}

@@ -14,7 +14,7 @@ from ._shim import lib
 from .agent import MAX_RUNS
 from .errors import HandlerError, UffdError, UffdRetry
 from .pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY,
-                        UNTOUCHED, WRITABLE, bridged, pages_of, runs_of)
+                        UNTOUCHED, WRITABLE, SharedTally, bridged, pages_of, runs_of)
 from .policy import TAIL_PERCENTILE
 from .uffd import FLAG_WP, FLAG_WRITE, address_of
 from .wakeup import poll_spinning
@@ -51,6 +51,8 @@ class Pager:
         self.zeros_addr = address_of(self.zeros)
         self.deferred = []              # faults on pages in flight, resolved after it
         self.extra_owners = np.zeros(0, np.int32)   # per pool handle, beyond the first
+        # writable pages of every region under an auto budget: the budgets share them
+        self.auto_writable = SharedTally(WRITABLE)
 
     # --- faults --------------------------------------------------------------------
     def fault(self, client, addr, flags, tid):
@@ -183,9 +185,10 @@ class Pager:
             return int(region.table.tally[WRITABLE]), region.budget.spec
         allowed = region.budget.allowance(self.pool.capacity, self.pool.mem_used_total,
                                           self.pool.ratio_percentile(TAIL_PERCENTILE))
-        return self.writable_total(auto_only=True), allowed
+        return self.auto_writable.pages, allowed
 
     def writable_total(self, auto_only=False):
+        """O(regions): for statistics and the scan's check of auto_writable."""
         return sum(int(r.table.tally[WRITABLE]) for c in self.clients.values()
                    for r in c.regions.values() if not auto_only or r.budget.spec == "auto")
 
@@ -228,16 +231,9 @@ class Pager:
         return 1
 
     def resolve_deferred(self):
-        """Retry the deferred faults. Those of a client whose agent is in a batch wait
-        for its end, which retries them: its drops keep the kernel answering EAGAIN, and
-        each retry cost a decompression. The agent's own faults never wait: the batch
-        cannot end without them."""
         pending, self.deferred = self.deferred, []
-        for fault in pending:
-            client, addr, flags, tid = fault
-            if client.in_batch and tid != client.agent_tid:
-                self.deferred.append(fault)
-            elif client.ready:
+        for client, addr, flags, tid in pending:
+            if client.ready:
                 self.fault(client, addr, flags, tid)
 
     # --- demotion ------------------------------------------------------------------
@@ -266,12 +262,10 @@ class Pager:
         REMOVE events for exactly these spans."""
         client.expected_removes = {a: a + n for a, n in spans.tolist()}
         client.agent.send(op, spans)
-        client.in_batch = True
         try:
             return self.await_agent(client)
         finally:
             client.expected_removes = {}
-            client.in_batch = False
 
     def settle_freed(self, region, pages):
         """Pages the application freed while in flight: zeros from now on. Returns the

@@ -21,6 +21,16 @@ PRESENT = np.array([False, True, True, False, True, True])   # mapped in the app
 NO_ENTRY = -1
 
 
+class SharedTally:
+    """Pages in one state summed over many page tables (the node's writable pages
+    under auto write budgets), kept exact as they change: reading it is O(1) where
+    summing every table is O(regions), on every write fault."""
+
+    def __init__(self, state):
+        self.state = state
+        self.pages = 0
+
+
 class PageTable:
     """State and pool entry of every page of one region [base, base + npages pages)."""
 
@@ -32,16 +42,35 @@ class PageTable:
         # pages per state, kept exact by set() so counts cost nothing on the fault path
         self.tally = np.zeros(len(STATE_NAMES), np.int64)
         self.tally[UNTOUCHED] = npages
+        self.shared = None   # a SharedTally this table's pages count in
+
+    def join(self, shared):
+        """Count this table's pages in `shared` from now on."""
+        self.leave()
+        self.shared = shared
+        shared.pages += int(self.tally[shared.state])
+
+    def leave(self):
+        if self.shared is not None:
+            self.shared.pages -= int(self.tally[self.shared.state])
+            self.shared = None
 
     def set(self, pages, state):
         """Move one page, or an array of distinct pages, to state."""
+        shared = self.shared
         if isinstance(pages, (int, np.integer)):   # a fault's page: no numpy reductions
-            tally = self.tally
-            tally[self.state[pages]] -= 1
+            tally, old = self.tally, self.state[pages]
+            tally[old] -= 1
             tally[state] += 1
+            if shared is not None:
+                shared.pages += (state == shared.state) - int(old == shared.state)
         else:
-            self.tally -= np.bincount(self.state[pages], minlength=len(STATE_NAMES))
+            before = np.bincount(self.state[pages], minlength=len(STATE_NAMES))
+            self.tally -= before
             self.tally[state] += len(pages)
+            if shared is not None:
+                shared.pages += len(pages) * (state == shared.state) - \
+                    int(before[shared.state])
         self.state[pages] = state
 
     def copy(self, base=None):

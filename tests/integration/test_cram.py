@@ -181,6 +181,37 @@ def test_auto_budget_never_lets_capacity_be_exceeded():
         r.close()
 
 
+def test_auto_budgets_share_one_count_of_writable_pages():
+    # the count every auto budget reads is kept as pages change; it must equal the
+    # regions' own tallies through writes, demotions and regions coming and going
+    with ufcram.Node(capacity=64 * MiB) as n:
+        def check():
+            ns = n.stats()
+            stats = [x.stats() for x in regions]
+            auto = sum(s["writable"] for s in stats if s["write_budget"] == "auto")
+            assert ns["auto_budget_writable_pages"] == auto
+        regions = []
+        for budget in ("auto", 8, "auto"):
+            data = text_pages(32, seed=len(regions))
+            r, a = filled(n, data, write_budget=budget)
+            r.demote()
+            a[::2, 0] ^= 1                              # writes onto node pages
+            data[::2, 0] ^= 1
+            assert np.array_equal(a, data)
+            regions.append(r)
+            del a
+        check()
+        regions[0].demote(0, 8 * PAGE_SIZE)
+        check()
+        regions.pop(0).close()
+        check()
+        assert n.stats()["auto_budget_writable_pages"] > 0
+        for r in regions:
+            r.close()
+        regions.clear()
+        check()
+
+
 def test_overflow_closes_the_node_promotes_and_loses_nothing():
     with ufcram.Node(capacity=1 * MiB) as n:
         data = random_pages(512, seed=7)                # 2 MiB incompressible: cannot fit

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from ufcram.errors import RegionError
-from ufcram.pagetable import (DEMOTED, NORMAL, PAGE_SIZE, READONLY, PageTable, bridged,
-                              pages_of, runs_of)
+from ufcram.pagetable import (DEMOTED, NORMAL, PAGE_SIZE, READONLY, STATE_NAMES, WRITABLE,
+                              PageTable, SharedTally, bridged, pages_of, runs_of)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -64,3 +64,23 @@ def test_bridged_joins_runs_only_across_pages_in_the_given_state():
 def test_pages_of_lists_every_page_of_the_runs():
     assert pages_of(np.array([[3, 2], [7, 1], [10, 3]])).tolist() == [3, 4, 7, 10, 11, 12]
     assert pages_of(np.empty((0, 2), np.int64)).tolist() == []
+
+
+def test_shared_tally_follows_every_change_of_its_tables():
+    rng = np.random.default_rng(9)
+    shared = SharedTally(WRITABLE)
+    tables = [PageTable(0x10000 * (i + 1), 64) for i in range(3)]
+    tables[0].join(shared)
+    tables[1].join(shared)
+    for step in range(300):
+        t = tables[rng.integers(3)]
+        state = int(rng.integers(len(STATE_NAMES)))
+        if rng.random() < 0.5:
+            t.set(int(rng.integers(64)), state)                     # a fault's page
+        else:
+            t.set(rng.choice(64, rng.integers(1, 10), replace=False), state)
+        if step == 150:
+            tables[1].leave()                                        # a region goes
+            tables[2].join(shared)                                   # another comes
+        joined = [x for x in tables if x.shared is shared]
+        assert shared.pages == sum(int((x.state == WRITABLE).sum()) for x in joined)
