@@ -48,7 +48,6 @@ class Handler:
         self.scan_interval = config.get("UFCRAM_SCAN_INTERVAL", float)
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
-        self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6
         self.fast_wake = FastWake()
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
@@ -121,7 +120,7 @@ class Handler:
         due = self.next_scan - now if lapse is None else min(lapse, self.next_scan - now)
         if self.pager.deferred:   # retried soon even if no event comes (after_events)
             due = min(due, DEFERRED_RETRY)
-        return poll_spinning(self.poller, self.spin, max(0, due) * 1000)
+        return poll_spinning(self.poller, self.pager.spin, max(0, due) * 1000)
 
     def after_events(self):
         """Policy work, outside any fault batch: limits, overflow, the periodic scan."""

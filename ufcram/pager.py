@@ -43,7 +43,7 @@ class Pager:
         self.clients = clients          # uffd fd -> Client, shared with the handler
         self.serve_uffd = serve_uffd    # reads and dispatches one uffd's messages
         self.agent_timeout_ms = agent_timeout_ms
-        self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6
+        self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6   # the handler's too
         # restores decompress here, then one UFFDIO_COPY installs the whole run
         self.bounce = np.zeros((config.get("UFCRAM_FAULT_AROUND") or 1, PAGE_SIZE), np.uint8)
         self.bounce_addr = address_of(self.bounce)
