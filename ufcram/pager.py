@@ -24,9 +24,15 @@ POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 DROP_BATCH = 4096   # pages per clean re-demotion command (no staging needed)
 
 
-def batches(pages, max_pages, max_runs):
-    """Split sorted pages into batches of at most max_pages pages and max_runs runs."""
+def batches(pages, max_pages, max_runs, keep=None):
+    """Split sorted pages into batches of at most max_pages pages and max_runs runs.
+    `keep(pages)` (a mask) is asked again as each batch is cut, of the pages left: the
+    faults served while one batch waits on the agent change the states of the rest."""
     while len(pages):
+        if keep is not None:
+            pages = pages[keep(pages)]
+            if not len(pages):
+                return
         chunk = pages[:max_pages]
         runs = runs_of(chunk)
         if len(runs) > max_runs:
@@ -157,10 +163,11 @@ class Pager:
             table.set(pages, READONLY)
 
     def upgrade(self, client, region, page):
-        """A write to a read-only page: its node copy becomes stale and is reaped."""
+        """A write to a read-only page: its node copy becomes stale and is reaped, once
+        the page is writable (an ioctl refused with EAGAIN leaves it read-only, whole)."""
+        client.uffd.writeprotect(region.table.address_of(page), PAGE_SIZE, protect=False)
         self.release(region.table, page)
         self.writable_or_promoted(client, region, page)
-        client.uffd.writeprotect(region.table.address_of(page), PAGE_SIZE, protect=False)
 
     def writable_or_promoted(self, client, region, page):
         if self.grant_write(client, region):
@@ -240,16 +247,22 @@ class Pager:
     def demote(self, client, region, pages):
         """Demote the present pages among `pages` (sorted). Clean read-only pages are
         only dropped: their entry is still in the pool. Dirty pages are copied out and
-        compressed, unless the node is closed to new entries."""
-        states = region.table.state[pages]
-        clean = pages[states == READONLY]
-        dirty = pages[(states == NORMAL) | (states == WRITABLE)]
+        compressed, unless the node is closed to new entries. A page's state is read
+        when its batch starts, not before: a read-only page written while an earlier
+        batch was in flight has had its entry reaped, and dropped as clean it would
+        be lost."""
+        def clean(p):
+            return region.table.state[p] == READONLY
+
+        def dirty(p):
+            state = region.table.state[p]
+            return (state == NORMAL) | (state == WRITABLE)
         done = sum(self.drop_clean(client, region, runs)
-                   for _, runs in batches(clean, DROP_BATCH, MAX_RUNS))
-        for chunk, runs in batches(dirty, len(client.staging_pages), MAX_RUNS):
+                   for _, runs in batches(pages, DROP_BATCH, MAX_RUNS, clean))
+        for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS, dirty):
             if self.overflow.closed:   # also once a batch has filled the node
-                region.counters["refused_closed"] += len(dirty) - int(np.searchsorted(
-                    dirty, chunk[0]))
+                left = pages[pages >= chunk[0]]
+                region.counters["refused_closed"] += int(dirty(left).sum())
                 break
             done += self.demote_dirty(client, region, chunk, runs)
         return done

@@ -15,6 +15,8 @@ import pytest
 import ufcram
 from ufcram import PAGE_SIZE, Region
 
+from .faults import write_via_kernel
+
 pytestmark = pytest.mark.timeout(90)
 MiB = 1 << 20
 libc = ctypes.CDLL(None, use_errno=True)
@@ -523,3 +525,43 @@ def test_refused_pages_come_back_while_events_are_pending():
         del a
         r.close()
         other.close()
+
+
+def test_pages_written_while_earlier_batches_demote_keep_their_bytes(node):
+    """A demotion of many read-only pages goes to the agent in batches, and faults are
+    served while each batch waits on it. A page written meanwhile (read-only, then
+    writable with its entry reaped) must be demoted as the dirty page it now is, not
+    dropped with a later batch as the clean one it was when the demotion began."""
+    npages = 4096
+    data = text_pages(npages, seed=9)
+    r, a = filled(node, data)
+    flat = r.array()
+    stop, written = threading.Event(), []
+
+    def writer():   # writes through the kernel: no GIL held while its fault waits
+        rng = np.random.default_rng(1)
+        while not stop.is_set():
+            page = 2 * int(rng.integers(npages // 4, npages // 2))   # later batches
+            value = bytes([int(rng.integers(0, 256))])
+            write_via_kernel(flat, page * PAGE_SIZE + 7, value)
+            data[page, 7] = value[0]
+            written.append(page)
+    for _ in range(4):
+        r.demote()
+        # even pages read-only, odd ones demoted: one run per page, so the read-only
+        # pages take several agent batches (256 runs each)
+        assert int(a[::2, 0].astype(np.int64).sum()) >= 0
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        try:
+            r.demote()
+        finally:
+            stop.set()
+            t.join(10)
+            stop.clear()
+        assert r.stats()["demoting"] == 0
+    assert written, "the writer never ran"
+    bad = np.flatnonzero((a != data).any(axis=1))
+    assert len(bad) == 0, f"{len(bad)} pages wrong, first {bad[:5]}"
+    del a, flat
+    r.close()
