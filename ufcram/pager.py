@@ -251,18 +251,13 @@ class Pager:
         when its batch starts, not before: a read-only page written while an earlier
         batch was in flight has had its entry reaped, and dropped as clean it would
         be lost."""
-        def clean(p):
-            return region.table.state[p] == READONLY
-
-        def dirty(p):
-            state = region.table.state[p]
-            return (state == NORMAL) | (state == WRITABLE)
-        done = sum(self.drop_clean(client, region, runs)
-                   for _, runs in batches(pages, DROP_BATCH, MAX_RUNS, clean))
-        for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS, dirty):
+        done = sum(self.drop_clean(client, region, runs) for _, runs in
+                   batches(pages, DROP_BATCH, MAX_RUNS, lambda p: region.table.clean(p)))
+        for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS,
+                                   lambda p: region.table.dirty(p)):
             if self.overflow.closed:   # also once a batch has filled the node
                 left = pages[pages >= chunk[0]]
-                region.counters["refused_closed"] += int(dirty(left).sum())
+                region.counters["refused_closed"] += int(region.table.dirty(left).sum())
                 break
             done += self.demote_dirty(client, region, chunk, runs)
         return done

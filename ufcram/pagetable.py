@@ -106,6 +106,16 @@ class PageTable:
         last = self.npages if last is None else last
         return first + np.flatnonzero(self.state[first:last] == state)
 
+    def clean(self, pages):
+        """Mask of pages that may be dropped: read-only, and their copy on the node
+        (the copy is what makes a drop safe; a page without one stays resident)."""
+        return (self.state[pages] == READONLY) & (self.entry[pages] != NO_ENTRY)
+
+    def dirty(self, pages):
+        """Mask of pages whose only copy is in memory: demoting them copies them out."""
+        state = self.state[pages]
+        return (state == NORMAL) | (state == WRITABLE)
+
     def present(self, first=0, last=None):
         """Mask of pages mapped in the application's memory."""
         return PRESENT[self.state[first:last]]

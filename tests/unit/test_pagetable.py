@@ -25,6 +25,19 @@ def test_bad_ranges(offset, length, message):
         PageTable(0, 8).page_range(offset, length)
 
 
+def test_clean_needs_a_node_copy_and_dirty_is_memory_only():
+    t = PageTable(0, 6)
+    t.set(np.array([0, 1]), READONLY)
+    t.entry[0] = 7                      # page 1: read-only but its entry gone
+    t.set(np.array([2]), NORMAL)
+    t.set(np.array([3]), WRITABLE)
+    t.set(np.array([4]), DEMOTED)
+    t.entry[4] = 8
+    pages = np.arange(6)
+    assert t.clean(pages).tolist() == [True, False, False, False, False, False]
+    assert t.dirty(pages).tolist() == [False, False, True, True, False, False]
+
+
 def test_counts_and_state_queries():
     t = PageTable(0, 6)
     t.set(np.array([1, 2]), NORMAL)
