@@ -24,17 +24,28 @@ COUNTERS = ("faults", "demotions", "clean_redemotions", "restores", "promotions"
 class ManagedRegion:
     """One registered range of a client: its page table, policies and counters."""
 
-    def __init__(self, rid, table, resident_limit=None, write_budget=0):
+    def __init__(self, rid, table, resident_limit=None, write_budget=0, auto_writable=None):
         self.id = rid
-        self.table = table
         self.limit = ResidentLimit(resident_limit)
         self.budget = WriteBudget(write_budget)
+        # auto budgets are node-wide: their writable pages count in one shared tally
+        self.auto_writable = auto_writable if self.budget.spec == "auto" else None
+        self.table = None
+        self.use(table)
         self.clock = Clock(table.npages)
         self.readahead = Readahead(config.get("UFCRAM_FAULT_AROUND"))
         self.counters = dict.fromkeys(COUNTERS, 0)
         # pages the application freed while they were in flight to the node: their
         # staged copy must not come back
         self.freed_in_flight = np.zeros(table.npages, bool)
+
+    def use(self, table):
+        """Hold the region's pages in table from now on (a new one after mremap)."""
+        if self.table is not None:
+            self.table.leave()
+        self.table = table
+        if self.auto_writable is not None:
+            table.join(self.auto_writable)
 
     def stats(self):
         return {"pages": self.table.npages, "resident": self.table.resident,
@@ -114,7 +125,8 @@ class Client:
         except (OSError, ValueError):   # not ours to insist on: a client's odd memfd
             pass
 
-    def add_region(self, start, length, resident_limit=None, write_budget=0):
+    def add_region(self, start, length, resident_limit=None, write_budget=0,
+                   auto_writable=None):
         if start % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
             raise ProtocolError(f"region {start:#x}+{length:#x} is not page-aligned")
         if any(r.table.base < start + length and start < r.table.end
@@ -127,7 +139,8 @@ class Client:
                                "for its page table") from None
         rid = self.next_region
         self.next_region += 1
-        self.regions[rid] = ManagedRegion(rid, table, resident_limit, write_budget)
+        self.regions[rid] = ManagedRegion(rid, table, resident_limit, write_budget,
+                                          auto_writable)
         self._index()
         return rid
 
@@ -168,21 +181,15 @@ class Client:
         own, under the same policies (the application never names it)."""
         rid = self.next_region
         self.next_region += 1
-        region = ManagedRegion(rid, table, write_budget=like.budget.spec)
+        region = ManagedRegion(rid, table, write_budget=like.budget.spec,
+                               auto_writable=like.auto_writable)
         region.limit = like.limit
-        if like.table.shared is not None:
-            table.join(like.table.shared)
         self.regions[rid] = region
         self._index()
 
     def relocate(self, rid, table):
         """Give region rid a new page table (the application moved it with mremap)."""
-        old = self.regions[rid].table
-        if old.shared is not None:
-            shared = old.shared
-            old.leave()
-            table.join(shared)
-        self.regions[rid].table = table
+        self.regions[rid].use(table)
         self._index()
 
     def locate(self, addr):

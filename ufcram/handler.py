@@ -270,9 +270,7 @@ class Handler:
         limit = None if resident_limit == P.NO_LIMIT else resident_limit
         budget = "auto" if write_budget == P.AUTO_BUDGET else write_budget
         client.check_quota(length, self.max_regions, self.max_client_bytes)
-        rid = client.add_region(start, length, limit, budget)
-        if budget == "auto":
-            client.region(rid).table.join(self.pager.auto_writable)
+        rid = client.add_region(start, length, limit, budget, self.pager.auto_writable)
         return P.COUNT.pack(rid)
 
     def unregister(self, client, fds, rid, restore):
