@@ -106,9 +106,9 @@ class PageTable:
         last = self.npages if last is None else last
         return first + np.flatnonzero(self.state[first:last] == state)
 
-    def clean(self, pages):
-        """Mask of pages that may be dropped: read-only, and their copy on the node
-        (the copy is what makes a drop safe; a page without one stays resident)."""
+    def clean(self, pages=slice(None)):
+        """Mask of pages (all by default) that may be dropped: read-only, and their copy
+        on the node (the copy is what makes a drop safe; without one, it stays)."""
         return (self.state[pages] == READONLY) & (self.entry[pages] != NO_ENTRY)
 
     def dirty(self, pages):
@@ -139,16 +139,22 @@ def runs_of(pages):
     return np.stack((pages[starts], ends - starts), axis=1).astype(np.int64)
 
 
-def bridged(runs, state, across):
-    """Runs merged over the gaps between them in which every page is in state `across`:
-    fewer, longer spans, so that a drop takes one madvise where it took one per run."""
+def bridged(runs, state, across, spare=None, most=0):
+    """Runs merged over the gaps between them in which every page is in state `across`,
+    or is one `spare(slice)` marks (at most `most` such pages a gap): fewer, longer
+    spans, so that a drop takes one madvise where it took one per run. The spare pages
+    of a merged gap are in the span, and go with it."""
     if len(runs) < 2:
         return runs
     ends = runs[:-1, 0] + runs[:-1, 1]
     starts = runs[1:, 0]
     lo, hi = int(runs[0, 0]), int(starts[-1])
-    other = np.concatenate(([0], np.cumsum(state[lo:hi] != across)))
-    joins = other[starts - lo] == other[ends - lo]   # no page of another state between
+    crossed = state[lo:hi] == across
+    taken = np.zeros(hi - lo, bool) if spare is None else spare(slice(lo, hi)) & ~crossed
+    other = np.concatenate(([0], np.cumsum(~crossed & ~taken)))
+    extra = np.concatenate(([0], np.cumsum(taken)))
+    at, to = ends - lo, starts - lo
+    joins = (other[to] == other[at]) & (extra[to] - extra[at] <= most)
     first = np.concatenate(([True], ~joins))
     group = np.cumsum(first) - 1
     last = np.zeros(group[-1] + 1, np.int64)

@@ -74,6 +74,19 @@ def test_bridged_joins_runs_only_across_pages_in_the_given_state():
     assert bridged(runs, np.full(11, N, np.uint8), DEMOTED).tolist() == runs.tolist()
 
 
+def test_bridged_takes_at_most_so_many_spare_pages_a_gap():
+    D, N, R = DEMOTED, NORMAL, READONLY
+    state = np.array([R, R, D, R, N, R, R, R, R, R], np.uint8)
+    def spare(pages):
+        return state[pages] == R
+    runs = runs_of(np.array([0, 3, 5, 9]))
+    # gap 1..2 holds one spare page and a demoted one; gap 4 is normal; 6..8 holds 3
+    assert bridged(runs, state, DEMOTED, spare, 1).tolist() == [[0, 4], [5, 1], [9, 1]]
+    assert bridged(runs, state, DEMOTED, spare, 3).tolist() == [[0, 4], [5, 5]]
+    assert bridged(runs, state, DEMOTED, spare, 0).tolist() == [[0, 1], [3, 1], [5, 1],
+                                                                [9, 1]]
+
+
 def test_pages_of_lists_every_page_of_the_runs():
     assert pages_of(np.array([[3, 2], [7, 1], [10, 3]])).tolist() == [3, 4, 7, 10, 11, 12]
     assert pages_of(np.empty((0, 2), np.int64)).tolist() == []
