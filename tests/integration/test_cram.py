@@ -565,3 +565,40 @@ def test_pages_written_while_earlier_batches_demote_keep_their_bytes(node):
     assert len(bad) == 0, f"{len(bad)} pages wrong, first {bad[:5]}"
     del a, flat
     r.close()
+
+
+def test_pages_freed_while_demoted_read_zeros(node):
+    """The application frees pages while a demotion copies them out: each must read
+    zeros after, never its staged copy. A free of exactly one run being copied must
+    not be taken for the agent's own drop of it."""
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    npages = 2048
+    data = text_pages(npages, seed=11)
+    r, a = filled(node, data)
+    r.demote()
+    dirty = np.arange(1, npages, 2)   # one-page runs: each a run of the copy
+    for round_ in range(6):
+        a[dirty, 0] = round_           # written: dirty, between demoted pages
+        data[dirty, 0] = round_
+        stop, freed = threading.Event(), []
+
+        def freer():   # madvise through ctypes: no GIL held while its event waits
+            rng = np.random.default_rng(round_)
+            while not stop.is_set():
+                page = int(rng.choice(dirty))
+                libc.madvise(r.address + page * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED)
+                freed.append(page)
+        t = threading.Thread(target=freer, daemon=True)
+        t.start()
+        try:
+            r.demote()
+        finally:
+            stop.set()
+            t.join(10)
+        data[freed] = 0
+        assert freed, "the freer never ran"
+        bad = np.flatnonzero((a != data).any(axis=1))
+        assert len(bad) == 0, f"{len(bad)} pages wrong, first {bad[:5]}"
+        a[freed] = data[freed] = text_pages(len(freed), seed=round_)
+    del a
+    r.close()
