@@ -133,10 +133,9 @@ static int drop_runs(struct agent *a, const struct ufc_run *runs, uint32_t nruns
 }
 
 /* Write-protect first so that no write can slip in between the copy and the drop:
- * a writer now faults to the handler, which resolves it from the stored copy. The
- * runs stay protected: the drop (a later DROP command) removes them. */
-static int copy_out(int uffd, const struct ufc_run *runs, uint32_t nruns, uint64_t staging,
-		    uint64_t staging_len, uint64_t *bytes)
+ * a writer now faults to the handler, which resolves it from the stored copy. */
+static int demote(struct agent *a, int uffd, const struct ufc_run *runs, uint32_t nruns,
+		  uint64_t staging, uint64_t staging_len, uint64_t *bytes)
 {
 	uint64_t total, off = 0;
 	*bytes = 0;
@@ -169,7 +168,7 @@ static int copy_out(int uffd, const struct ufc_run *runs, uint32_t nruns, uint64
 	/* from here on the staged copy is the truth: say so even if a drop fails, so the
 	 * handler can put back exactly the pages that went missing */
 	*bytes = total;
-	return 0;
+	return drop_runs(a, runs, nruns);
 unprotect:
 	for (uint32_t j = 0; j < nruns; j++)
 		writeprotect_retry(uffd, runs[j].addr, runs[j].len, 0);
@@ -179,8 +178,7 @@ unprotect:
 int ufc_agent_demote(int uffd, const struct ufc_run *runs, uint32_t nruns,
 		     uint64_t staging, uint64_t staging_len, uint64_t *bytes)
 {
-	int rc = copy_out(uffd, runs, nruns, staging, staging_len, bytes);
-	return rc ? rc : drop_runs(NULL, runs, nruns);
+	return demote(NULL, uffd, runs, nruns, staging, staging_len, bytes);
 }
 
 static int agent_drop(struct agent *a, const struct ufc_run *runs, uint32_t nruns,
@@ -201,11 +199,11 @@ static int agent_serve(struct agent *a, struct ufc_agent_cmd *cmd, ssize_t n,
 	if (cmd->magic != UFC_AGENT_MAGIC || cmd->nruns > UFC_AGENT_MAX_RUNS || (size_t)n != want)
 		return -EBADMSG;
 	switch (cmd->op) {
-	case UFC_AGENT_COPY:
+	case UFC_AGENT_DEMOTE:
 		if (cmd->staging_offset > a->staging_len)
 			return -EINVAL;
-		return copy_out(a->uffd, cmd->runs, cmd->nruns, a->staging + cmd->staging_offset,
-				a->staging_len - cmd->staging_offset, &reply->bytes);
+		return demote(a, a->uffd, cmd->runs, cmd->nruns, a->staging + cmd->staging_offset,
+			      a->staging_len - cmd->staging_offset, &reply->bytes);
 	case UFC_AGENT_DROP:
 		return agent_drop(a, cmd->runs, cmd->nruns, &reply->bytes);
 	case UFC_AGENT_PING:

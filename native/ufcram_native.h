@@ -14,7 +14,7 @@
 
 #define UFC_AGENT_MAGIC 0x55464341u /* "UFCA" */
 #define UFC_AGENT_MAX_RUNS 256
-#define UFC_AGENT_COPY 1 /* protect runs and copy them to staging; a DROP removes them */
+#define UFC_AGENT_DEMOTE 1
 #define UFC_AGENT_DROP 2
 #define UFC_AGENT_PING 3
 #define UFC_AGENT_STOP 4

@@ -270,11 +270,9 @@ class Pager:
         return np.stack((table.base + runs[:, 0] * PAGE_SIZE, runs[:, 1] * PAGE_SIZE), 1)
 
     def command_agent(self, client, op, spans):
-        """Send one batch to the agent and wait for its reply. A DROP raises REMOVE
-        events for exactly these spans; a COPY raises none, so any REMOVE meanwhile is
-        the application freeing pages (that its staged copy must not bring back)."""
-        dropping = op == lib.UFC_AGENT_DROP
-        client.expected_removes = {a: a + n for a, n in spans.tolist()} if dropping else {}
+        """Send one batch to the agent and wait for its reply; its drops will raise
+        REMOVE events for exactly these spans."""
+        client.expected_removes = {a: a + n for a, n in spans.tolist()}
         client.agent.send(op, spans)
         try:
             return self.await_agent(client)
@@ -292,63 +290,41 @@ class Pager:
         return freed
 
     def drop_clean(self, client, region, runs):
-        """Drop clean read-only pages; the node keeps their entries."""
+        """Drop clean read-only pages; the node keeps their entries. Each span is one
+        madvise and one REMOVE event the agent waits on us to read, so spans reach
+        across pages already demoted (absent: the drop costs them nothing) and take up
+        to DROP_BRIDGE more clean pages with them. The pages crossed are in flight too,
+        so a fault on one waits until the drop is done."""
+        table = region.table
+        runs = bridged(runs, table.state, DEMOTED, table.clean, DROP_BRIDGE)
         pages = pages_of(runs)
-        region.table.set(pages, DEMOTING)
-        status, (extra, gap) = self.drop_across(client, region, runs)
-        dropped = self.settle_dropped(client, region, np.concatenate((pages, extra)),
-                                      np.concatenate((np.zeros(len(pages), bool), gap)),
-                                      status >= 0)
+        gap = table.state[pages] == DEMOTED
+        table.set(pages, DEMOTING)
+        status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
+        self.settle_forks(client, region, pages, copied=None, absent=gap)
+        freed = self.settle_freed(region, pages)
+        # A page the drop missed is still mapped read-only; one it dropped faults back
+        # from its entry. Both are right with the entry kept, so a failure loses nothing.
+        table.set(pages[~freed & gap], DEMOTED)
+        table.set(pages[~freed & ~gap], DEMOTED if status >= 0 else READONLY)
         self.resolve_deferred()
         if status < 0:
             raise UffdError(-status, f"agent could not drop pages: {os.strerror(-status)}")
-        return dropped
-
-    def drop_across(self, client, region, runs):
-        """Drop runs (in flight) with the pages between them that a span may cross:
-        each span is one madvise and one REMOVE event the agent waits on us to read,
-        so spans reach across pages already demoted (absent: the drop costs them
-        nothing) and take up to DROP_BRIDGE clean pages with them. The pages crossed
-        are in flight too, so a fault on one waits until the drop is done. Returns
-        the agent's status and (pages crossed, mask of those that were demoted)."""
-        table = region.table
-        spans = bridged(runs, table.state, DEMOTED, table.clean, DROP_BRIDGE)
-        extra = np.setdiff1d(pages_of(spans), pages_of(runs), assume_unique=True)
-        gap = table.state[extra] == DEMOTED
-        table.set(extra, DEMOTING)
-        status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, spans))
-        return status, (extra, gap)
-
-    def settle_dropped(self, client, region, pages, gap, ok):
-        """Clean pages out of a drop (gap: those that were demoted before it); returns
-        how many it dropped. A page the drop missed is still mapped read-only; one it
-        dropped faults back from its entry. Both are right with the entry kept, so a
-        failed drop (not ok) loses nothing."""
-        self.settle_forks(client, region, pages, copied=None, absent=gap)
-        freed = self.settle_freed(region, pages)
-        region.table.set(pages[~freed & gap], DEMOTED)
-        region.table.set(pages[~freed & ~gap], DEMOTED if ok else READONLY)
         dropped = int((~freed & ~gap).sum())
         region.counters["clean_redemotions"] += dropped
         return dropped
 
     def demote_dirty(self, client, region, pages, runs):
-        """Write-protect and copy out (the agent), drop as clean pages are; then store
-        the copies. Pages the full pool refuses are stored over capacity and the node
-        closes: nothing is ever lost."""
+        """Write-protect, copy out, drop (the agent); then store the copies. Pages the full
+        pool refuses are stored over capacity and the node closes: nothing is ever lost."""
         table = region.table
         before = table.state[pages].copy()
         spans = self.spans(table, runs)
         table.set(pages, DEMOTING)
-        status, staged = self.command_agent(client, lib.UFC_AGENT_COPY, spans)
+        status, staged = self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
         client.staging_used = True
-        crossed = None
-        if status >= 0:
-            status, crossed = self.drop_across(client, region, runs)
         self.settle_forks(client, region, pages, copied=bool(staged))
         freed = self.settle_freed(region, pages)
-        if crossed is not None:
-            self.settle_dropped(client, region, *crossed, status >= 0)
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
             self.put_back(client, table, pages, before, rows, keep=~freed)

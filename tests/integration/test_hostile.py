@@ -465,7 +465,7 @@ def test_client_that_leaves_while_its_agent_works(good):
     rid = client.own_memory(8)
     assert send(client.sock, request(P.DEMOTE, rid, 0, 8 * PAGE_SIZE, seq=5))
     client.sock.close()                      # gone before the reply...
-    assert answer_agent(client.agent) == lib.UFC_AGENT_COPY   # ...the agent answers
+    assert answer_agent(client.agent) == lib.UFC_AGENT_DEMOTE   # ...the agent answers
     client.agent.close()
     client.agent = None
     good.dropped()
