@@ -527,6 +527,23 @@ def test_refused_pages_come_back_while_events_are_pending():
         other.close()
 
 
+def demote_while(region, step):
+    """region.demote(), while another thread calls step() over and over: the demotion
+    goes to the agent in batches, so steps land while batches are in flight."""
+    stop = threading.Event()
+
+    def repeat():
+        while not stop.is_set():
+            step()
+    t = threading.Thread(target=repeat, daemon=True)
+    t.start()
+    try:
+        region.demote()
+    finally:
+        stop.set()
+        t.join(10)
+
+
 def test_pages_written_while_earlier_batches_demote_keep_their_bytes(node):
     """A demotion of many read-only pages goes to the agent in batches, and faults are
     served while each batch waits on it. A page written meanwhile (read-only, then
@@ -536,29 +553,20 @@ def test_pages_written_while_earlier_batches_demote_keep_their_bytes(node):
     data = text_pages(npages, seed=9)
     r, a = filled(node, data)
     flat = r.array()
-    stop, written = threading.Event(), []
+    rng, written = np.random.default_rng(1), []
 
-    def writer():   # writes through the kernel: no GIL held while its fault waits
-        rng = np.random.default_rng(1)
-        while not stop.is_set():
-            page = 2 * int(rng.integers(npages // 4, npages // 2))   # later batches
-            value = bytes([int(rng.integers(0, 256))])
-            write_via_kernel(flat, page * PAGE_SIZE + 7, value)
-            data[page, 7] = value[0]
-            written.append(page)
+    def write():   # through the kernel: no GIL held while its fault waits
+        page = 2 * int(rng.integers(npages // 4, npages // 2))   # later batches
+        value = bytes([int(rng.integers(0, 256))])
+        write_via_kernel(flat, page * PAGE_SIZE + 7, value)
+        data[page, 7] = value[0]
+        written.append(page)
     for _ in range(4):
         r.demote()
         # even pages read-only, odd ones demoted: one run per page, so the read-only
         # pages take several agent batches (256 runs each)
         assert int(a[::2, 0].astype(np.int64).sum()) >= 0
-        t = threading.Thread(target=writer, daemon=True)
-        t.start()
-        try:
-            r.demote()
-        finally:
-            stop.set()
-            t.join(10)
-            stop.clear()
+        demote_while(r, write)
         assert r.stats()["demoting"] == 0
     assert written, "the writer never ran"
     bad = np.flatnonzero((a != data).any(axis=1))
@@ -580,21 +588,13 @@ def test_pages_freed_while_demoted_read_zeros(node):
     for round_ in range(6):
         a[dirty, 0] = round_           # written: dirty, between demoted pages
         data[dirty, 0] = round_
-        stop, freed = threading.Event(), []
+        rng, freed = np.random.default_rng(round_), []
 
-        def freer():   # madvise through ctypes: no GIL held while its event waits
-            rng = np.random.default_rng(round_)
-            while not stop.is_set():
-                page = int(rng.choice(dirty))
-                libc.madvise(r.address + page * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED)
-                freed.append(page)
-        t = threading.Thread(target=freer, daemon=True)
-        t.start()
-        try:
-            r.demote()
-        finally:
-            stop.set()
-            t.join(10)
+        def free():   # madvise through ctypes: no GIL held while its event waits
+            page = int(rng.choice(dirty))
+            libc.madvise(r.address + page * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED)
+            freed.append(page)
+        demote_while(r, free)
         data[freed] = 0
         assert freed, "the freer never ran"
         bad = np.flatnonzero((a != data).any(axis=1))
