@@ -106,9 +106,9 @@ class PageTable:
         last = self.npages if last is None else last
         return first + np.flatnonzero(self.state[first:last] == state)
 
-    def clean(self, pages=slice(None)):
-        """Mask of pages (all by default) that may be dropped: read-only, and their copy
-        on the node (the copy is what makes a drop safe; without one, it stays)."""
+    def clean(self, pages):
+        """Mask of pages (an array or a slice) that may be dropped: read-only, and their
+        copy on the node (the copy is what makes a drop safe; without one, it stays)."""
         return (self.state[pages] == READONLY) & (self.entry[pages] != NO_ENTRY)
 
     def dirty(self, pages):
