@@ -29,6 +29,25 @@ int ufc_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t
 int ufc_uffd_read_msgs(int fd, void *buf, int max_msgs);
 int ufc_wait_readable(int fd, int timeout_ms);
 
+/* read restores without Python (restore.c): views of the pool and of page tables,
+ * numpy arrays the handler owns and keeps alive while the views exist */
+struct ufc_pool_view {
+    const int64_t *location; const int16_t *size; int64_t nhandles;
+    const uint64_t *arena; int64_t narenas;   /* arena base addresses, 0 if released */
+    int (*decompress)(const char *src, char *dst, int src_size, int dst_capacity);
+};
+struct ufc_region_view {
+    uint64_t base; uint64_t npages;
+    uint8_t *state; const int64_t *entry; int64_t *tally; uint8_t *referenced;
+    int64_t *readahead; int64_t readahead_max;   /* Readahead's window and next */
+    int64_t limit;      /* resident limit in pages, -1 for none */
+    int64_t restored;   /* restores done in this region by the call */
+};
+int ufc_restore_reads(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *regions,
+                      int nregions, int64_t client_limit, void *msgs, int max_msgs,
+                      int max_restores, int64_t spin_ns, void *bounce, int *touched,
+                      int *ntouched, int *nmsgs);
+
 /* descriptors over Unix sockets (SCM_RIGHTS) */
 int ufc_send_fds(int sock, const void *data, size_t len, const int *fds, int nfds);
 int ufc_recv_fds(int sock, void *data, size_t len, int *fds, int maxfds, int *nfds);

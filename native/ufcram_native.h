@@ -12,6 +12,12 @@
 #define UFC_PAGE_SIZE 4096
 #define UFC_MAX_FDS 8
 
+/* page states of pagetable.py that restore.c reads and writes */
+#define UFC_STATE_NORMAL 1
+#define UFC_STATE_DEMOTED 3
+#define UFC_STATE_READONLY 4
+#define UFC_STATE_WRITABLE 5
+
 #define UFC_AGENT_MAGIC 0x55464341u /* "UFCA" */
 #define UFC_AGENT_MAX_RUNS 256
 #define UFC_AGENT_DEMOTE 1

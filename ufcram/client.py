@@ -17,8 +17,9 @@ from . import config
 from .policy import Clock, Readahead, ResidentLimit, WriteBudget
 from .uffd import Uffd
 
-COUNTERS = ("faults", "demotions", "clean_redemotions", "restores", "promotions", "budget_refusals",
-            "zero_fills", "refused_full", "refused_closed", "reaped")
+COUNTERS = ("faults", "demotions", "clean_redemotions", "restores", "native_restores",
+            "promotions", "budget_refusals", "zero_fills", "refused_full", "refused_closed",
+            "reaped")
 
 
 class ManagedRegion:
@@ -78,6 +79,7 @@ class Client:
         self.next_region = 1
         self._starts = []   # region bases, sorted: bisect is cheaper than numpy per fault
         self._ids = []
+        self.layout_generation = 0   # changes with the regions or their page tables
 
     @property
     def ready(self):
@@ -207,6 +209,11 @@ class Client:
         order = sorted(self.regions, key=lambda r: self.regions[r].table.base)
         self._starts = [self.regions[r].table.base for r in order]
         self._ids = order
+        self.layout_generation += 1
+
+    def by_address(self):
+        """The regions, in address order."""
+        return [self.regions[r] for r in self._ids]
 
     def fork(self, uffd_fd):
         """The client of a forked child: the same regions and entries (shared with the

@@ -24,6 +24,7 @@ from .pagetable import DEMOTED, NO_ENTRY, PAGE_SIZE
 from .pager import POLLIN, Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
+from .restorer import Restorer
 from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
 from .wakeup import FastWake, poll_spinning
 
@@ -49,6 +50,7 @@ class Handler:
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
         self.fast_wake = FastWake()
+        self.restorer = Restorer(pool, self.msgs, self.pager.bounce_addr)
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
         self.departed = dict.fromkeys(DEPARTED, 0)
@@ -105,7 +107,7 @@ class Handler:
         while self.clients or self.persist:
             for fd, _ in self.wait():
                 if fd in self.by_uffd:
-                    self.drain_uffd(self.by_uffd[fd])
+                    self.drain_uffd(self.by_uffd[fd], spin=True)
                 elif fd in self.clients:
                     self.serve_request(self.clients[fd])
                 elif self.listener is not None and fd == self.listener.fileno():
@@ -335,24 +337,25 @@ class Handler:
                 "write_budget": "auto" if "auto" in budgets else sum(budgets)}
 
     # --- faults and events -----------------------------------------------------------
-    def drain_uffd(self, client):
+    def drain_uffd(self, client, spin=False):
+        """Serve the client's queued faults and events; with spin, wait a moment for
+        more (the main loop's call, not a nested one that waits on an agent)."""
         while client.ready:
             try:
-                n = client.uffd.read_msgs(self.msgs)
+                first, n, restored = self.read_faults(client, spin)
             except UffdError as e:
                 log.error("client pid %d: reading its uffd failed: %s", client.pid, e)
                 return self.drop_client(client)
             # tuples, not views: nested drains (await_agent) reuse self.msgs
-            batch = self.msgs[:n][["event", "arg0", "arg1", "arg2"]].tolist()
-            if n:
+            batch = self.msgs[first:n][["event", "arg0", "arg1", "arg2"]].tolist()
+            if batch or restored:
                 self.fast_wake.fault()
+            for region in restored:
+                self.faulted(client, region)
             for event, a0, a1, a2 in batch:
                 if event == EVENT_PAGEFAULT:
-                    region = self.pager.fault(client, a1 & ~(PAGE_SIZE - 1), a0,
-                                              a2 & 0xFFFFFFFF)
-                    if region is not None and (region.limit.pages is not None or
-                                               client.limit.pages is not None):
-                        self.touched.add((client, region.id))
+                    self.faulted(client, self.pager.fault(client, a1 & ~(PAGE_SIZE - 1), a0,
+                                                          a2 & 0xFFFFFFFF))
                 else:
                     child = events.dispatch(self.pager, client, event, a0, a1, a2)
                     if child is not None:
@@ -361,6 +364,20 @@ class Handler:
                 # the queue is empty, so no event blocks the ioctls any more: retry the
                 # faults that met EAGAIN (those on pages in flight wait again)
                 return self.pager.resolve_deferred()
+
+    def read_faults(self, client, spin):
+        """(first, n, regions restored into): the messages msgs[first:n] are left to
+        serve, after the native loop restored the read faults it could."""
+        if self.restorer.enabled:
+            return self.restorer.serve(client, spin)
+        return 0, client.uffd.read_msgs(self.msgs), ()
+
+    def faulted(self, client, region):
+        """A fault was served in region (None: outside every region): its limits are
+        checked after this turn's events."""
+        if region is not None and (region.limit.pages is not None or
+                                   client.limit.pages is not None):
+            self.touched.add((client, region.id))
 
     # --- node statistics (STATS of the NODE) -------------------------------------------
     @staticmethod

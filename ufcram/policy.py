@@ -129,8 +129,24 @@ class Readahead:
 
     def __init__(self, max_pages):
         self.max_pages = max(1, int(max_pages))
-        self.window = 1
-        self.next = -1
+        # window and next in an array: native restores (restore.c) move them too
+        self.cells = np.array([1, -1], np.int64)
+
+    @property
+    def window(self):
+        return int(self.cells[0])
+
+    @window.setter
+    def window(self, pages):
+        self.cells[0] = pages
+
+    @property
+    def next(self):
+        return int(self.cells[1])
+
+    @next.setter
+    def next(self, page):
+        self.cells[1] = page
 
     def skipped(self, page):
         """The pages between the expected next fault and this one, if they are few

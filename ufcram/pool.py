@@ -83,6 +83,16 @@ class Pool:
         # live entries' stored bytes, same-filled and raw counts: stats() in O(1), as
         # `ufcram run` samples them while a program runs
         self._live_bytes = self._live_same = self._live_huge = 0
+        self.layout_generation = 0   # changes whenever layout()'s arrays move
+
+    def layout(self):
+        """(location, size, arena addresses) per handle and arena: what native code
+        needs to load entries itself (restore.c). A location is arena << 32 | offset,
+        or a same-filled page's value where size is 0; size is -1 for no entry; a
+        released arena's address is 0. Valid until layout_generation changes."""
+        arenas = np.array([0 if v is None else np.frombuffer(v, np.uint8).ctypes.data
+                           for v in self._arena_view], np.uint64)
+        return self._location, self._size, arenas
 
     # --- ownership, validation, metadata arrays ---
     def _own(self):
@@ -155,6 +165,7 @@ class Pool:
                 self._arena_class = self._resize(self._arena_class, max(16, a * 3 // 2))
         # the arena is a numpy array; slicing its memoryview is the cheapest per-page access
         self._arena_view[a], self._arena_map[a] = memoryview(np.frombuffer(mm, np.uint8)), mm
+        self.layout_generation += 1
         self._arena_class[a] = c
         self._current_arena[c], self._bumped[c] = a, 0
 
@@ -166,6 +177,7 @@ class Pool:
         self._arena_view[a].release()              # drops the numpy array, then the mapping goes
         self._arena_map[a].close()
         self._arena_view[a] = self._arena_map[a] = None
+        self.layout_generation += 1
         self._arena_class[a] = -1
         if self._current_arena[c] == a:
             self._current_arena[c], self._bumped[c] = -1, self._slots_per_arena[c]
@@ -280,6 +292,7 @@ class Pool:
             self._location = self._resize(self._location, cap)
             self._size = self._resize(self._size, cap)
             self._free_handles = self._resize(self._free_handles, cap)
+            self.layout_generation += 1
         sizes = np.fromiter(sz, np.int64, k)
         self._location[h], self._size[h] = lo, sizes
         self._count_live(sizes, 1)

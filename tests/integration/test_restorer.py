@@ -1,0 +1,132 @@
+"""Native read restores (restore.c) on the real kernel: read faults on demoted pages
+served by the shim's loop must give every page its bytes, of every kind the pool
+stores, and leave limits, readahead and later writes as Python's path does."""
+import numpy as np
+import pytest
+
+import ufcram
+from ufcram import PAGE_SIZE
+from ufcram import protocol as P
+
+from .pages import filled, random_pages, text_pages
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+
+
+def mixed_pages(n, seed=0):
+    """Every kind of entry: lz4-compressed text, raw random bytes, zeros and pages
+    filled with one 8-byte value (same-filled, stored as 0 bytes)."""
+    pages = text_pages(n, seed)
+    kind = np.arange(n) % 4
+    pages[kind == 1] = random_pages(int((kind == 1).sum()), seed + 1)
+    pages[kind == 2] = 0
+    values = np.arange(int((kind == 3).sum()), dtype=np.uint64) * 0x0101
+    pages.view(np.uint64)[kind == 3] = values[:, None]
+    return pages
+
+
+@pytest.fixture(params=["1", "0"], ids=["native", "python"])
+def node(request, monkeypatch):
+    monkeypatch.setenv("UFCRAM_NATIVE_RESTORE", request.param)
+    with ufcram.Node(capacity=64 * MiB) as n:
+        yield n, request.param == "1"
+
+
+def read_each(a, order):
+    """Each page of a, read alone in this order (one fault each if demoted)."""
+    return np.stack([a[p].copy() for p in order])
+
+
+def test_random_reads_restore_every_kind_of_page(node):
+    n, native = node
+    data = mixed_pages(512)
+    r, a = filled(n, data, write_budget=0)
+    r.demote()
+    order = np.random.default_rng(1).permutation(len(data))
+    assert np.array_equal(read_each(a, order), data[order])
+    stats = r.stats()
+    assert stats["readonly"] == len(data) and stats["demoted"] == 0
+    assert stats["restores"] >= len(data) // 2   # fault-around takes the odd neighbour
+    # the native loop serves random reads when on, and nothing when off
+    assert (stats["native_restores"] > len(data) // 2) if native else \
+        stats["native_restores"] == 0
+    del a
+    r.close()
+
+
+def spaced(count, gap=20):
+    """count pages gap apart: none lands in the readahead window of the one before
+    (UFCRAM_FAULT_AROUND pages), so each is a random read."""
+    return list(range(0, gap * count, gap))
+
+
+@pytest.mark.parametrize("scope", ["region", "client"])
+def test_native_restores_stop_at_the_resident_limit(node, scope):
+    """The native loop restores up to the limit and leaves the fault that crosses it
+    to Python, which serves it and demotes down to the low watermark."""
+    n, native = node
+    limit = 32
+    data = text_pages(1024, seed=2)
+    if scope == "client":   # what `ufcram run --resident-limit` sets: over all regions
+        n.connection.call(P.LIMITS, limit * PAGE_SIZE)
+    kw = {"resident_limit": limit * PAGE_SIZE} if scope == "region" else {}
+    r, a = filled(n, data, write_budget=0, **kw)
+    r.demote()
+    before = r.stats()   # the fill under a limit has restored a page or two already
+    assert before["resident"] == 0
+    order = spaced(limit + 1)
+    for p in order[:limit]:
+        assert np.array_equal(a[p], data[p])
+    stats = r.stats()
+    assert stats["resident"] == limit
+    assert stats["native_restores"] - before["native_restores"] == (limit if native else 0)
+    # one load: the page is not touched again, so the demotion this read sets off
+    # cannot take it and fault it back in
+    assert a[order[-1], 7] == data[order[-1], 7]
+    stats = r.stats()
+    assert stats["native_restores"] - before["native_restores"] == (limit if native else 0)
+    # (a page the demotion takes may come back: only at least one more restore here)
+    assert stats["restores"] - before["restores"] > limit and stats["resident"] < limit
+    del a
+    r.close()
+
+
+def test_sequential_reads_keep_fault_around(node):
+    """A scan is the readahead's: the native loop leaves faults next to the last one
+    to Python, which restores a window of pages per fault."""
+    n, _ = node
+    data = text_pages(1024, seed=4)
+    r, a = filled(n, data, write_budget=0)
+    r.demote()
+    before = r.stats()["faults"]
+    assert np.array_equal(read_each(a, range(len(data))), data)
+    assert r.stats()["faults"] - before < len(data) // 4
+    del a
+    r.close()
+
+
+def test_pages_restored_natively_take_writes_and_demote_again(node):
+    """After native restores the tables must be Python's own: writes upgrade or
+    promote the read-only pages, clean ones drop again, and every byte stays."""
+    n, _ = node
+    data = mixed_pages(256, seed=5)
+    r, a = filled(n, data, write_budget=32)
+    rng = np.random.default_rng(6)
+    for round_ in range(3):
+        r.demote()
+        order = rng.permutation(len(data))
+        assert np.array_equal(read_each(a, order), data[order])
+        written = rng.choice(len(data), 64, replace=False)
+        data[written, round_] += 1
+        a[written, round_] += 1
+        # more entries grow the pool's arrays and arenas under the native loop's view
+        extra = ufcram.Region(64 * PAGE_SIZE, node=n)
+        extra.array()[:] = round_ + 1
+        extra.demote()
+        assert np.array_equal(a, data)
+        extra.close()
+    stats = r.stats()
+    assert stats["clean_redemotions"] > 0 and stats["writable"] + stats["normal"] > 0
+    del a
+    r.close()

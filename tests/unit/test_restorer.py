@@ -1,0 +1,52 @@
+"""What the native read restore relies on, without a kernel: the state codes it writes,
+the pool layout it loads entries by, and the lz4 function it decompresses with."""
+import numpy as np
+import pytest
+
+from ufcram import pagetable
+from ufcram._shim import ffi, lib
+from ufcram.pool import PAGE_SIZE, Pool
+from ufcram.restorer import lz4_decompress
+
+from .test_pool import make_page, rows
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_native_state_codes_are_the_page_tables():
+    assert (lib.UFC_STATE_NORMAL, lib.UFC_STATE_DEMOTED, lib.UFC_STATE_READONLY,
+            lib.UFC_STATE_WRITABLE) == (pagetable.NORMAL, pagetable.DEMOTED,
+                                        pagetable.READONLY, pagetable.WRITABLE)
+
+
+def load_by_layout(pool, handle, decompress):
+    """A page as restore.c's load_entry reads it: from layout() alone."""
+    location, size, arenas = pool.layout()
+    n, loc = int(size[handle]), int(location[handle])
+    if n == 0:
+        return np.full(PAGE_SIZE // 8, loc, np.int64).tobytes()
+    src = ffi.cast("char *", int(arenas[loc >> 32]) + (loc & 0xFFFFFFFF))
+    if n == PAGE_SIZE:
+        return ffi.buffer(src, PAGE_SIZE)[:]
+    out = ffi.new("char[]", PAGE_SIZE)
+    assert decompress(src, out, n, PAGE_SIZE) == PAGE_SIZE
+    return ffi.buffer(out)[:]
+
+
+def test_layout_gives_every_page_back_after_growth_and_compaction():
+    fn = lz4_decompress()
+    assert fn is not None, "the lz4 package no longer exports LZ4_decompress_safe"
+    decompress = ffi.cast("int (*)(const char *, char *, int, int)", fn)
+    pool = Pool(1 << 30, arena_size=16 * PAGE_SIZE)
+    generation = pool.layout_generation
+    kinds = ("zero", "word", "text", "random", "partial", "numbers", "tiny")
+    pages = [make_page(kinds[i % len(kinds)], i) for i in range(2000)]
+    handles = pool.store_many(rows(*pages)).tolist()
+    assert pool.layout_generation != generation        # arrays grew, arenas came
+    pool.free_many(handles[1::3])
+    generation = pool.layout_generation
+    assert pool.compact() > 0
+    assert pool.layout_generation != generation        # arenas went
+    assert pool.layout()[1][handles[1]] == -1          # freed: no entry
+    for handle, page in list(zip(handles, pages))[::3]:
+        assert load_by_layout(pool, handle, decompress) == page
