@@ -41,12 +41,13 @@ struct ufc_region_view {
     uint8_t *state; const int64_t *entry; int64_t *tally; uint8_t *referenced;
     int64_t *readahead; int64_t readahead_max;   /* Readahead's window and next */
     int64_t limit;      /* resident limit in pages, -1 for none */
-    int64_t restored;   /* restores done in this region by the call */
+    int64_t faults;     /* faults the call served in this region */
+    int64_t restored;   /* and the pages it restored for them */
 };
 int ufc_restore_reads(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *regions,
                       int nregions, int64_t client_limit, void *msgs, int max_msgs,
-                      int max_restores, int64_t spin_ns, void *bounce, int *touched,
-                      int *ntouched, int *nmsgs);
+                      int max_faults, int64_t spin_ns, void *bounce, int64_t bounce_pages,
+                      int *touched, int *ntouched, int *nmsgs);
 
 /* descriptors over Unix sockets (SCM_RIGHTS) */
 int ufc_send_fds(int sock, const void *data, size_t len, const int *fds, int nfds);

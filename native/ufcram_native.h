@@ -13,6 +13,7 @@
 #define UFC_MAX_FDS 8
 
 /* page states of pagetable.py that restore.c reads and writes */
+#define UFC_STATE_UNTOUCHED 0
 #define UFC_STATE_NORMAL 1
 #define UFC_STATE_DEMOTED 3
 #define UFC_STATE_READONLY 4

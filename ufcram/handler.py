@@ -50,7 +50,7 @@ class Handler:
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
         self.fast_wake = FastWake()
-        self.restorer = Restorer(pool, self.msgs, self.pager.bounce_addr)
+        self.restorer = Restorer(pool, self.msgs, self.pager.bounce)
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
         self.departed = dict.fromkeys(DEPARTED, 0)

@@ -1,5 +1,6 @@
 """Read restores in native code (restore.c): a client's read faults on demoted pages are
-served from the page tables without a trip through Python; the rest come back in order.
+served from the page tables without a trip through Python, with the fault-around of a
+sequential scan; the rest come back in order.
 
 Python keeps deciding: the tables say which pages are demoted and where their entries
 are, the limits bound what comes in. The native loop moves only DEMOTED -> READONLY.
@@ -16,7 +17,7 @@ from ._shim import ffi, lib
 from .errors import UffdError
 
 log = logging.getLogger("ufcram.handler")
-MAX_RESTORES = 256   # per call: other descriptors wait at most this many restores
+MAX_FAULTS = 256   # per call: other descriptors wait at most this many faults
 
 
 def lz4_decompress():
@@ -59,11 +60,12 @@ class RegionViews:
 
 
 class Restorer:
-    def __init__(self, pool, msgs, bounce_addr):
+    def __init__(self, pool, msgs, bounce):
         self.pool = pool
         self.msgs = msgs
         self.msgs_ptr = ffi.from_buffer(msgs)
-        self.bounce = ffi.cast("void *", bounce_addr)
+        self.bounce = bounce   # (pages, 4096): fault-around restores up to that many
+        self.bounce_ptr = ffi.from_buffer(bounce)
         self.spin_ns = int(config.get("UFCRAM_SPIN_US", float) * 1000)
         fn = lz4_decompress() if config.get("UFCRAM_NATIVE_RESTORE") else None
         self.enabled = fn is not None
@@ -85,8 +87,8 @@ class Restorer:
         limit = -1 if client.limit.pages is None else client.limit.pages
         first = lib.ufc_restore_reads(
             client.uffd.fd, self.current_pool(), views.array, len(views.regions), limit,
-            self.msgs_ptr, len(self.msgs), MAX_RESTORES, self.spin_ns if spin else 0,
-            self.bounce, views.touched, self.ntouched, self.nmsgs)
+            self.msgs_ptr, len(self.msgs), MAX_FAULTS, self.spin_ns if spin else 0,
+            self.bounce_ptr, len(self.bounce), views.touched, self.ntouched, self.nmsgs)
         if first < 0:
             raise UffdError(-first, "read(userfaultfd)")
         return first, self.nmsgs[0], [self.account(views, i)
@@ -94,12 +96,13 @@ class Restorer:
 
     @staticmethod
     def account(views, i):
-        """Count a region's native restores as faults and restores, as Python's would
-        (and apart, as native_restores)."""
+        """Count a region's native faults and restores as Python's would (and the
+        restores apart, as native_restores)."""
         view, region = views.array[i], views.regions[i]
-        for counter in ("faults", "restores", "native_restores"):
-            region.counters[counter] += view.restored
-        view.restored = 0
+        region.counters["faults"] += view.faults
+        region.counters["restores"] += view.restored
+        region.counters["native_restores"] += view.restored
+        view.faults = view.restored = 0
         return region
 
     def current_pool(self):

@@ -92,16 +92,40 @@ def test_native_restores_stop_at_the_resident_limit(node, scope):
     r.close()
 
 
-def test_sequential_reads_keep_fault_around(node):
-    """A scan is the readahead's: the native loop leaves faults next to the last one
-    to Python, which restores a window of pages per fault."""
-    n, _ = node
+def test_sequential_reads_restore_a_window_per_fault(node):
+    """A scan restores a readahead window of pages per fault (native or not), and
+    stays sequential where it reads through pages still in memory."""
+    n, native = node
     data = text_pages(1024, seed=4)
     r, a = filled(n, data, write_budget=0)
     r.demote()
-    before = r.stats()["faults"]
+    assert np.array_equal(read_each(a, range(0, 512, 2)), data[0:512:2])   # every other
+    r.demote(0, 256 * PAGE_SIZE)        # the first half: every page out again
+    before = r.stats()
     assert np.array_equal(read_each(a, range(len(data))), data)
-    assert r.stats()["faults"] - before < len(data) // 4
+    stats = r.stats()
+    # ~180: a window per 16 pages, a fault per page where every other one is in memory
+    assert stats["faults"] - before["faults"] < len(data) // 4
+    restored = stats["restores"] - before["restores"]
+    assert restored == len(data) - 128   # all but the pages the first pass left in memory
+    assert stats["native_restores"] - before["native_restores"] == (restored if native else 0)
+    del a
+    r.close()
+
+
+def test_scans_read_through_pages_still_in_memory(node):
+    """Runs of 16 demoted pages between pairs of pages in memory: a scan that reads
+    through each pair is still sequential, so each run comes in with one fault."""
+    n, _ = node
+    data = text_pages(18 * 56, seed=7)
+    r, a = filled(n, data, write_budget=0)
+    r.demote()
+    pairs = [p for p in range(len(data) - 1, -1, -1) if p % 18 >= 16]   # descending:
+    assert np.array_equal(read_each(a, pairs), data[pairs])             # no readahead
+    before = r.stats()
+    assert np.array_equal(read_each(a, range(len(data))), data)
+    # a window ramps up once (1, 2, 4, 8 pages), then one fault a run: ~60, not ~280
+    assert r.stats()["faults"] - before["faults"] < 2 * 56
     del a
     r.close()
 

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_native_state_codes_are_the_page_tables():
-    assert (lib.UFC_STATE_NORMAL, lib.UFC_STATE_DEMOTED, lib.UFC_STATE_READONLY,
-            lib.UFC_STATE_WRITABLE) == (pagetable.NORMAL, pagetable.DEMOTED,
-                                        pagetable.READONLY, pagetable.WRITABLE)
+    assert (lib.UFC_STATE_UNTOUCHED, lib.UFC_STATE_NORMAL, lib.UFC_STATE_DEMOTED,
+            lib.UFC_STATE_READONLY, lib.UFC_STATE_WRITABLE) == \
+        (pagetable.UNTOUCHED, pagetable.NORMAL, pagetable.DEMOTED, pagetable.READONLY,
+         pagetable.WRITABLE)
 
 
 def load_by_layout(pool, handle, decompress):
