@@ -29,8 +29,8 @@ int ufc_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t
 int ufc_uffd_read_msgs(int fd, void *buf, int max_msgs);
 int ufc_wait_readable(int fd, int timeout_ms);
 
-/* read restores without Python (restore.c): views of the pool and of page tables,
- * numpy arrays the handler owns and keeps alive while the views exist */
+/* the fault fast path (fastpath.c): views of the pool and of page tables, numpy arrays
+ * the handler owns and keeps alive while the views exist */
 struct ufc_pool_view {
     const int64_t *location; const int16_t *size; int64_t nhandles;
     const uint64_t *arena; int64_t narenas;   /* arena base addresses, 0 if released */
@@ -38,16 +38,28 @@ struct ufc_pool_view {
 };
 struct ufc_region_view {
     uint64_t base; uint64_t npages;
-    uint8_t *state; const int64_t *entry; int64_t *tally; uint8_t *referenced;
+    uint8_t *state; int64_t *entry; int64_t *tally; uint8_t *referenced;
     int64_t *readahead; int64_t readahead_max;   /* Readahead's window and next */
     int64_t limit;      /* resident limit in pages, -1 for none */
-    int64_t faults;     /* faults the call served in this region */
-    int64_t restored;   /* and the pages it restored for them */
+    int64_t budget;     /* write budget in pages, -1 for auto (the call's auto_grants) */
+    int64_t faults;     /* out: faults served in this region */
+    int64_t restored;   /* out: pages restored for them */
+    int64_t promoted;   /* out: written pages the budget refused, now normal memory */
 };
-int ufc_restore_reads(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *regions,
-                      int nregions, int64_t client_limit, void *msgs, int max_msgs,
-                      int max_faults, int64_t spin_ns, void *bounce, int64_t bounce_pages,
-                      int *touched, int *ntouched, int *nmsgs);
+struct ufc_fault_call {
+    int64_t client_limit;   /* resident limit over all regions in pages, -1 for none */
+    int may_grant;          /* 0: every written page is promoted (node closed, forked child) */
+    int64_t auto_grants;    /* in/out: writable pages auto budgets may still grant */
+    int max_faults;
+    uint8_t *bounce; int64_t bounce_pages;
+    int *touched; int ntouched;           /* out: regions served in (index, once each) */
+    int64_t *released; int nreleased;     /* out: entries written pages no longer hold */
+    int nmsgs;              /* out: messages read by the last read */
+    int64_t room;           /* private: pages the client limit still lets in */
+};
+int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *regions,
+                     int nregions, void *msgs, int max_msgs, int64_t spin_ns,
+                     struct ufc_fault_call *call);
 
 /* descriptors over Unix sockets (SCM_RIGHTS) */
 int ufc_send_fds(int sock, const void *data, size_t len, const int *fds, int nfds);

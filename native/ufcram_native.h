@@ -12,7 +12,7 @@
 #define UFC_PAGE_SIZE 4096
 #define UFC_MAX_FDS 8
 
-/* page states of pagetable.py that restore.c reads and writes */
+/* page states of pagetable.py that fastpath.c reads and writes */
 #define UFC_STATE_UNTOUCHED 0
 #define UFC_STATE_NORMAL 1
 #define UFC_STATE_DEMOTED 3

@@ -17,7 +17,7 @@ from . import config
 from .policy import Clock, Readahead, ResidentLimit, WriteBudget
 from .uffd import Uffd
 
-COUNTERS = ("faults", "demotions", "clean_redemotions", "restores", "native_restores",
+COUNTERS = ("faults", "demotions", "clean_redemotions", "restores", "fast_path_faults",
             "promotions", "budget_refusals", "zero_fills", "refused_full", "refused_closed",
             "reaped")
 

@@ -24,7 +24,7 @@ from .pagetable import DEMOTED, NO_ENTRY, PAGE_SIZE
 from .pager import POLLIN, Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
-from .restorer import Restorer
+from .fastpath import FastPath
 from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
 from .wakeup import FastWake, poll_spinning
 
@@ -50,7 +50,7 @@ class Handler:
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
         self.fast_wake = FastWake()
-        self.restorer = Restorer(pool, self.msgs, self.pager.bounce)
+        self.fast_path = FastPath(self.pager, self.msgs)
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
         self.departed = dict.fromkeys(DEPARTED, 0)
@@ -342,15 +342,15 @@ class Handler:
         more (the main loop's call, not a nested one that waits on an agent)."""
         while client.ready:
             try:
-                first, n, restored = self.read_faults(client, spin)
+                first, n, served = self.read_faults(client, spin)
             except UffdError as e:
                 log.error("client pid %d: reading its uffd failed: %s", client.pid, e)
                 return self.drop_client(client)
             # tuples, not views: nested drains (await_agent) reuse self.msgs
             batch = self.msgs[first:n][["event", "arg0", "arg1", "arg2"]].tolist()
-            if batch or restored:
+            if batch or served:
                 self.fast_wake.fault()
-            for region in restored:
+            for region in served:
                 self.faulted(client, region)
             for event, a0, a1, a2 in batch:
                 if event == EVENT_PAGEFAULT:
@@ -366,10 +366,10 @@ class Handler:
                 return self.pager.resolve_deferred()
 
     def read_faults(self, client, spin):
-        """(first, n, regions restored into): the messages msgs[first:n] are left to
-        serve, after the native loop restored the read faults it could."""
-        if self.restorer.enabled:
-            return self.restorer.serve(client, spin)
+        """(first, n, regions served in): the messages msgs[first:n] are left to
+        serve, after the fast path served the faults it could."""
+        if self.fast_path.enabled:
+            return self.fast_path.serve(client, spin)
         return 0, client.uffd.read_msgs(self.msgs), ()
 
     def faulted(self, client, region):

@@ -222,12 +222,16 @@ class Pager:
         held = table.entry[pages]
         held = held[held != NO_ENTRY]
         table.entry[pages] = NO_ENTRY
+        self.release_entries(held)
+        return len(held)
+
+    def release_entries(self, held):
+        """One hold less on each of these entries (pages no longer refer to them)."""
         if len(held):
             shared = held < len(self.extra_owners)
             shared[shared] = self.extra_owners[held[shared]] > 0
             np.subtract.at(self.extra_owners, held[shared], 1)
             self.pool.free_many(held[~shared])
-        return len(held)
 
     def release_one(self, table, page):
         """release() of one page (a write fault's), without numpy's per-call cost."""

@@ -129,7 +129,7 @@ class Readahead:
 
     def __init__(self, max_pages):
         self.max_pages = max(1, int(max_pages))
-        # window and next in an array: native restores (restore.c) move them too
+        # window and next in an array: the fault fast path (fastpath.c) moves them too
         self.cells = np.array([1, -1], np.int64)
 
     @property

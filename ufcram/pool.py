@@ -87,7 +87,7 @@ class Pool:
 
     def layout(self):
         """(location, size, arena addresses) per handle and arena: what native code
-        needs to load entries itself (restore.c). A location is arena << 32 | offset,
+        needs to load entries itself (fastpath.c). A location is arena << 32 | offset,
         or a same-filled page's value where size is 0; size is -1 for no entry; a
         released arena's address is 0. Valid until layout_generation changes."""
         arenas = np.array([0 if v is None else np.frombuffer(v, np.uint8).ctypes.data

@@ -1,6 +1,7 @@
-"""Native read restores (restore.c) on the real kernel: read faults on demoted pages
-served by the shim's loop must give every page its bytes, of every kind the pool
-stores, and leave limits, readahead and later writes as Python's path does."""
+"""The fault fast path (fastpath.c) on the real kernel: faults served by the shim's
+loop must give every page its bytes, of every kind the pool stores, and leave limits,
+readahead, write budgets and pool entries as Python's path does. Each test runs with
+the fast path and with Python alone."""
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ def mixed_pages(n, seed=0):
 
 @pytest.fixture(params=["1", "0"], ids=["native", "python"])
 def node(request, monkeypatch):
-    monkeypatch.setenv("UFCRAM_NATIVE_RESTORE", request.param)
+    monkeypatch.setenv("UFCRAM_FAST_PATH", request.param)
     with ufcram.Node(capacity=64 * MiB) as n:
         yield n, request.param == "1"
 
@@ -48,9 +49,9 @@ def test_random_reads_restore_every_kind_of_page(node):
     stats = r.stats()
     assert stats["readonly"] == len(data) and stats["demoted"] == 0
     assert stats["restores"] >= len(data) // 2   # fault-around takes the odd neighbour
-    # the native loop serves random reads when on, and nothing when off
-    assert (stats["native_restores"] > len(data) // 2) if native else \
-        stats["native_restores"] == 0
+    # the fast path serves random reads when on, and nothing when off
+    assert (stats["fast_path_faults"] > len(data) // 2) if native else \
+        stats["fast_path_faults"] == 0
     del a
     r.close()
 
@@ -62,8 +63,8 @@ def spaced(count, gap=20):
 
 
 @pytest.mark.parametrize("scope", ["region", "client"])
-def test_native_restores_stop_at_the_resident_limit(node, scope):
-    """The native loop restores up to the limit and leaves the fault that crosses it
+def test_fast_path_stops_at_the_resident_limit(node, scope):
+    """The fast path restores up to the limit and leaves the fault that crosses it
     to Python, which serves it and demotes down to the low watermark."""
     n, native = node
     limit = 32
@@ -80,12 +81,12 @@ def test_native_restores_stop_at_the_resident_limit(node, scope):
         assert np.array_equal(a[p], data[p])
     stats = r.stats()
     assert stats["resident"] == limit
-    assert stats["native_restores"] - before["native_restores"] == (limit if native else 0)
+    assert stats["fast_path_faults"] - before["fast_path_faults"] == (limit if native else 0)
     # one load: the page is not touched again, so the demotion this read sets off
     # cannot take it and fault it back in
     assert a[order[-1], 7] == data[order[-1], 7]
     stats = r.stats()
-    assert stats["native_restores"] - before["native_restores"] == (limit if native else 0)
+    assert stats["fast_path_faults"] - before["fast_path_faults"] == (limit if native else 0)
     # (a page the demotion takes may come back: only at least one more restore here)
     assert stats["restores"] - before["restores"] > limit and stats["resident"] < limit
     del a
@@ -106,9 +107,9 @@ def test_sequential_reads_restore_a_window_per_fault(node):
     stats = r.stats()
     # ~180: a window per 16 pages, a fault per page where every other one is in memory
     assert stats["faults"] - before["faults"] < len(data) // 4
-    restored = stats["restores"] - before["restores"]
-    assert restored == len(data) - 128   # all but the pages the first pass left in memory
-    assert stats["native_restores"] - before["native_restores"] == (restored if native else 0)
+    faults = stats["faults"] - before["faults"]
+    assert stats["restores"] - before["restores"] == len(data) - 128   # not those in memory
+    assert stats["fast_path_faults"] - before["fast_path_faults"] == (faults if native else 0)
     del a
     r.close()
 
@@ -130,9 +131,9 @@ def test_scans_read_through_pages_still_in_memory(node):
     r.close()
 
 
-def test_pages_restored_natively_take_writes_and_demote_again(node):
-    """After native restores the tables must be Python's own: writes upgrade or
-    promote the read-only pages, clean ones drop again, and every byte stays."""
+def test_pages_served_by_the_fast_path_demote_again(node):
+    """After the fast path the tables must be Python's own: pages written, dropped
+    clean and demoted again, every byte stays."""
     n, _ = node
     data = mixed_pages(256, seed=5)
     r, a = filled(n, data, write_budget=32)
@@ -144,7 +145,7 @@ def test_pages_restored_natively_take_writes_and_demote_again(node):
         written = rng.choice(len(data), 64, replace=False)
         data[written, round_] += 1
         a[written, round_] += 1
-        # more entries grow the pool's arrays and arenas under the native loop's view
+        # more entries grow the pool's arrays and arenas under the fast path's view
         extra = ufcram.Region(64 * PAGE_SIZE, node=n)
         extra.array()[:] = round_ + 1
         extra.demote()
@@ -154,3 +155,54 @@ def test_pages_restored_natively_take_writes_and_demote_again(node):
     assert stats["clean_redemotions"] > 0 and stats["writable"] + stats["normal"] > 0
     del a
     r.close()
+
+
+def entries_held(node):
+    return node.stats()["pages_stored"]
+
+
+@pytest.mark.parametrize("first_read", [False, True], ids=["demoted", "readonly"])
+def test_writes_within_the_budget_then_promoted(node, first_read):
+    """Writes to demoted pages (restored writable) or read-only ones (upgraded in place):
+    writable within the budget, normal memory past it, each write's byte kept, and
+    every written page's stale entry released."""
+    n, native = node
+    data = mixed_pages(256, seed=8)
+    budget = 40
+    r, a = filled(n, data, write_budget=budget)
+    r.demote()
+    if first_read:
+        assert np.array_equal(read_each(a, spaced(128, 2)), data[0:256:2])
+    before, held = r.stats(), entries_held(n)
+    order = spaced(128, 2)[::-1]   # descending: no readahead
+    for k, p in enumerate(order):
+        a[p, 100] = data[p, 100] = k
+    stats = r.stats()
+    assert np.array_equal(a, data)
+    assert stats["writable"] == budget and stats["normal"] == 128 - budget
+    assert stats["promotions"] - before["promotions"] == 128 - budget
+    assert stats["budget_refusals"] - before["budget_refusals"] == 128 - budget
+    served = stats["fast_path_faults"] - before["fast_path_faults"]
+    assert served == (128 if native else 0)
+    assert entries_held(n) == held - 128
+    del a
+    r.close()
+
+
+def test_auto_budgets_share_their_count_with_the_fast_path(node):
+    """Pages the fast path makes writable under auto budgets count in the node-wide
+    tally the budgets read, as Python's own grants do."""
+    n, native = node
+    regions = [filled(n, text_pages(128, seed=s), write_budget="auto") for s in (9, 10)]
+    for r, a in regions:
+        r.demote()
+        for p in spaced(64, 2):
+            a[p, 0] ^= 1
+    writable = sum(r.stats()["writable"] for r, _ in regions)
+    assert writable > 0
+    assert n.stats()["auto_budget_writable_pages"] == writable
+    for r, a in regions:
+        assert (r.stats()["fast_path_faults"] > 0) == native
+        del a
+        r.close()
+    assert n.stats()["auto_budget_writable_pages"] == 0

@@ -1,4 +1,4 @@
-"""What the native read restore relies on, without a kernel: the state codes it writes,
+"""What the fault fast path relies on, without a kernel: the state codes it writes,
 the pool layout it loads entries by, and the lz4 function it decompresses with."""
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from ufcram import pagetable
 from ufcram._shim import ffi, lib
 from ufcram.pool import PAGE_SIZE, Pool
-from ufcram.restorer import lz4_decompress
+from ufcram.fastpath import lz4_decompress
 
 from .test_pool import make_page, rows
 
@@ -21,7 +21,7 @@ def test_native_state_codes_are_the_page_tables():
 
 
 def load_by_layout(pool, handle, decompress):
-    """A page as restore.c's load_entry reads it: from layout() alone."""
+    """A page as fastpath.c's load_entry reads it: from layout() alone."""
     location, size, arenas = pool.layout()
     n, loc = int(size[handle]), int(location[handle])
     if n == 0:

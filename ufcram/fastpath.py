@@ -1,9 +1,9 @@
-"""Read restores in native code (restore.c): a client's read faults on demoted pages are
-served from the page tables without a trip through Python, with the fault-around of a
-sequential scan; the rest come back in order.
+"""The fault fast path (fastpath.c): a client's faults on demoted and read-only pages are
+served from the page tables without a trip through Python; the rest come back in order.
 
-Python keeps deciding: the tables say which pages are demoted and where their entries
-are, the limits bound what comes in. The native loop moves only DEMOTED -> READONLY.
+Python keeps deciding: the tables say which pages are demoted or read-only and where
+their entries are, the limits bound what comes in, the budgets' grants are handed over
+per call, and the entries of written pages come back here to be released.
 """
 import ctypes
 import logging
@@ -22,17 +22,17 @@ MAX_FAULTS = 256   # per call: other descriptors wait at most this many faults
 
 def lz4_decompress():
     """LZ4_decompress_safe of the lz4 package's extension, the library the pool
-    compresses with; None where it is not exported (restores then stay in Python)."""
+    compresses with; None where it is not exported (faults then stay in Python)."""
     try:
         lib_ = ctypes.CDLL(lz4.block._block.__file__)
         return ctypes.cast(lib_.LZ4_decompress_safe, ctypes.c_void_p).value
     except (AttributeError, OSError) as e:
-        log.debug("no native restores: %s", e)
+        log.debug("no fault fast path: %s", e)
         return None
 
 
 class RegionViews:
-    """A client's regions as restore.c sees them, built once per layout of the client;
+    """A client's regions as fastpath.c sees them, built once per layout of the client;
     it holds the buffers its pointers point into."""
 
     def __init__(self, client):
@@ -41,6 +41,7 @@ class RegionViews:
         self.generation = client.layout_generation
         self.array = ffi.new("struct ufc_region_view[]", max(1, len(regions)))
         self.touched = ffi.new("int[]", max(1, len(regions)))
+        self.auto = next((r for r in regions if r.budget.spec == "auto"), None)
         self.buffers = []
         for view, region in zip(self.array, regions):
             table = region.table
@@ -52,6 +53,7 @@ class RegionViews:
             view.readahead = self.hold("int64_t[]", region.readahead.cells)
             view.readahead_max = region.readahead.max_pages
             view.limit = -1 if region.limit.pages is None else region.limit.pages
+            view.budget = -1 if region.budget.spec == "auto" else region.budget.spec
 
     def hold(self, ctype, array):
         buf = ffi.from_buffer(ctype, array, require_writable=True)
@@ -59,50 +61,66 @@ class RegionViews:
         return buf
 
 
-class Restorer:
-    def __init__(self, pool, msgs, bounce):
-        self.pool = pool
+class FastPath:
+    def __init__(self, pager, msgs):
+        self.pager = pager
+        self.pool = pager.pool
         self.msgs = msgs
         self.msgs_ptr = ffi.from_buffer(msgs)
-        self.bounce = bounce   # (pages, 4096): fault-around restores up to that many
-        self.bounce_ptr = ffi.from_buffer(bounce)
         self.spin_ns = int(config.get("UFCRAM_SPIN_US", float) * 1000)
-        fn = lz4_decompress() if config.get("UFCRAM_NATIVE_RESTORE") else None
+        fn = lz4_decompress() if config.get("UFCRAM_FAST_PATH") else None
         self.enabled = fn is not None
         self.pool_view = ffi.new("struct ufc_pool_view *")
         self.decompress = ffi.cast("int (*)(const char *, char *, int, int)", fn or 0)
         self.pool_generation = None
         self.pool_arrays = None
         self.views = weakref.WeakKeyDictionary()   # client -> RegionViews
-        self.ntouched = ffi.new("int *")
-        self.nmsgs = ffi.new("int *")
+        self.call = ffi.new("struct ufc_fault_call *")
+        self.released = ffi.new("int64_t[]", MAX_FAULTS)
+        # (pages, 4096): fault-around restores up to that many pages at once
+        self.bounce = ffi.from_buffer(pager.bounce)
+        self.call.bounce, self.call.bounce_pages = self.bounce, len(pager.bounce)
+        self.call.released, self.call.max_faults = self.released, MAX_FAULTS
 
     def serve(self, client, spin):
-        """Read client's messages, restoring what the native loop can (and, with spin,
-        waiting up to UFCRAM_SPIN_US for more); returns (first, n): msgs[first:n] are
-        the caller's to serve, in order, and the regions restored into."""
+        """Read client's messages, serving what the fast path can (and, with spin,
+        waiting up to UFCRAM_SPIN_US for more); returns (first, n, regions served in):
+        msgs[first:n] are the caller's to serve, in order."""
         views = self.views.get(client)
         if views is None or views.generation != client.layout_generation:
             views = self.views[client] = RegionViews(client)
-        limit = -1 if client.limit.pages is None else client.limit.pages
-        first = lib.ufc_restore_reads(
-            client.uffd.fd, self.current_pool(), views.array, len(views.regions), limit,
-            self.msgs_ptr, len(self.msgs), MAX_FAULTS, self.spin_ns if spin else 0,
-            self.bounce_ptr, len(self.bounce), views.touched, self.ntouched, self.nmsgs)
+        call = self.call
+        call.client_limit = -1 if client.limit.pages is None else client.limit.pages
+        call.may_grant = not self.pager.overflow.closed and client.parent is None
+        grants = 0
+        if call.may_grant and views.auto is not None:
+            in_use, allowed = self.pager.budget_use(views.auto)
+            grants = max(0, allowed - in_use)
+        call.auto_grants, call.touched = grants, views.touched
+        first = lib.ufc_serve_faults(client.uffd.fd, self.current_pool(), views.array,
+                                     len(views.regions), self.msgs_ptr, len(self.msgs),
+                                     self.spin_ns if spin else 0, call)
+        self.pager.auto_writable.pages += grants - call.auto_grants
+        if call.nreleased:
+            self.pager.release_entries(np.frombuffer(
+                ffi.buffer(self.released, 8 * call.nreleased), np.int64).copy())
+        served = [self.account(views, i) for i in ffi.unpack(call.touched, call.ntouched)]
         if first < 0:
             raise UffdError(-first, "read(userfaultfd)")
-        return first, self.nmsgs[0], [self.account(views, i)
-                                      for i in ffi.unpack(views.touched, self.ntouched[0])]
+        return first, call.nmsgs, served
 
     @staticmethod
     def account(views, i):
-        """Count a region's native faults and restores as Python's would (and the
-        restores apart, as native_restores)."""
+        """Count a region's faults served here as Python counts its own (and apart, as
+        fast_path_faults)."""
         view, region = views.array[i], views.regions[i]
-        region.counters["faults"] += view.faults
-        region.counters["restores"] += view.restored
-        region.counters["native_restores"] += view.restored
-        view.faults = view.restored = 0
+        counters = region.counters
+        counters["faults"] += view.faults
+        counters["fast_path_faults"] += view.faults
+        counters["restores"] += view.restored
+        counters["promotions"] += view.promoted
+        counters["budget_refusals"] += view.promoted
+        view.faults = view.restored = view.promoted = 0
         return region
 
     def current_pool(self):
