@@ -29,19 +29,20 @@ static int64_t now_ns(void)
 	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-static struct ufc_region_view *region_of(struct ufc_region_view *regions, int n, uint64_t addr)
+/* The index of the region holding addr, or -1. */
+static int region_of(struct ufc_region_view *const *regions, int n, uint64_t addr)
 {
 	int lo = 0, hi = n;   /* regions are sorted by base and do not overlap */
 	while (lo < hi) {
 		int mid = (lo + hi) / 2;
-		if (addr < regions[mid].base)
+		if (addr < regions[mid]->base)
 			hi = mid;
-		else if (addr >= regions[mid].base + regions[mid].npages * UFC_PAGE_SIZE)
+		else if (addr >= regions[mid]->base + regions[mid]->npages * UFC_PAGE_SIZE)
 			lo = mid + 1;
 		else
-			return &regions[mid];
+			return mid;
 	}
-	return NULL;
+	return -1;
 }
 
 /* The page of entry h into page; 0, or -1 when the entry is not one to trust here
@@ -195,16 +196,17 @@ static int upgrade(int uffd, struct ufc_region_view *r, int64_t page, struct ufc
 }
 
 /* 1 if the fault was served, 0 if it is Python's to serve. */
-static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *regions,
+static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
 		 int nregions, const struct uffd_msg *m, struct ufc_fault_call *call)
 {
 	uint64_t flags = m->arg.pagefault.flags;
 	if (m->event != UFFD_EVENT_PAGEFAULT || flags & UFFD_PAGEFAULT_FLAG_MINOR)
 		return 0;
 	uint64_t addr = m->arg.pagefault.address & ~(uint64_t)(UFC_PAGE_SIZE - 1);
-	struct ufc_region_view *r = region_of(regions, nregions, addr);
-	if (!r)
+	int at = region_of(regions, nregions, addr);
+	if (at < 0)
 		return 0;
+	struct ufc_region_view *r = regions[at];
 	int64_t page = (int64_t)((addr - r->base) / UFC_PAGE_SIZE), restored = 0;
 	uint8_t state = r->state[page];
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
@@ -221,12 +223,12 @@ static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_v
 	r->referenced[page] = 1;
 	call->room -= restored;
 	if (r->faults++ == 0)
-		call->touched[call->ntouched++] = (int)(r - regions);
+		call->touched[call->ntouched++] = at;
 	r->restored += restored;
 	return 1;
 }
 
-int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *regions,
+int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
 		     int nregions, void *msgs, int max_msgs, int64_t spin_ns,
 		     struct ufc_fault_call *call)
 {
@@ -235,7 +237,7 @@ int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_regi
 	if (call->client_limit >= 0) {
 		call->room = call->client_limit;
 		for (int i = 0; i < nregions; i++)
-			call->room -= resident(&regions[i]);
+			call->room -= resident(regions[i]);
 	}
 	int served = 0;
 	int64_t idle_since = now_ns();

@@ -57,7 +57,7 @@ struct ufc_fault_call {
     int nmsgs;              /* out: messages read by the last read */
     int64_t room;           /* private: pages the client limit still lets in */
 };
-int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *regions,
+int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
                      int nregions, void *msgs, int max_msgs, int64_t spin_ns,
                      struct ufc_fault_call *call);
 

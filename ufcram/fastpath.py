@@ -31,34 +31,49 @@ def lz4_decompress():
         return None
 
 
-class RegionViews:
-    """A client's regions as fastpath.c sees them, built once per layout of the client;
-    it holds the buffers its pointers point into."""
+class RegionView:
+    """One region's page table as fastpath.c sees it, with the buffers its pointers
+    point into; built once per table (a region gets a new one when mremap moves it)."""
 
-    def __init__(self, client):
-        regions = client.by_address()
-        self.regions = regions
-        self.generation = client.layout_generation
-        self.array = ffi.new("struct ufc_region_view[]", max(1, len(regions)))
-        self.touched = ffi.new("int[]", max(1, len(regions)))
-        self.auto = next((r for r in regions if r.budget.spec == "auto"), None)
+    def __init__(self, region):
+        table = region.table
+        self.table = table
+        self.struct = view = ffi.new("struct ufc_region_view *")
         self.buffers = []
-        for view, region in zip(self.array, regions):
-            table = region.table
-            view.base, view.npages = table.base, table.npages
-            view.state = self.hold("uint8_t[]", table.state)
-            view.entry = self.hold("int64_t[]", table.entry)
-            view.tally = self.hold("int64_t[]", table.tally)
-            view.referenced = self.hold("uint8_t[]", region.clock.referenced)
-            view.readahead = self.hold("int64_t[]", region.readahead.cells)
-            view.readahead_max = region.readahead.max_pages
-            view.limit = -1 if region.limit.pages is None else region.limit.pages
-            view.budget = -1 if region.budget.spec == "auto" else region.budget.spec
+        view.base, view.npages = table.base, table.npages
+        view.state = self.hold("uint8_t[]", table.state)
+        view.entry = self.hold("int64_t[]", table.entry)
+        view.tally = self.hold("int64_t[]", table.tally)
+        view.referenced = self.hold("uint8_t[]", region.clock.referenced)
+        view.readahead = self.hold("int64_t[]", region.readahead.cells)
+        view.readahead_max = region.readahead.max_pages
+        view.limit = -1 if region.limit.pages is None else region.limit.pages
+        view.budget = -1 if region.budget.spec == "auto" else region.budget.spec
 
     def hold(self, ctype, array):
         buf = ffi.from_buffer(ctype, array, require_writable=True)
         self.buffers.append(buf)
         return buf
+
+
+class ClientViews:
+    """A client's regions in address order, as the array of views fastpath.c searches;
+    rebuilt when the client's regions change, from views kept per region, so that a
+    program that maps region after region pays O(regions) in C, not in Python."""
+
+    def __init__(self, client, cache):
+        self.regions = client.by_address()
+        self.generation = client.layout_generation
+        views = []
+        for region in self.regions:
+            view = cache.get(region)
+            if view is None or view.table is not region.table:
+                view = cache[region] = RegionView(region)
+            views.append(view)
+        self.views = views   # the array points into them
+        self.array = ffi.new("struct ufc_region_view *[]", [v.struct for v in views])
+        self.touched = ffi.new("int[]", max(1, len(views)))
+        self.auto = next((r for r in self.regions if r.budget.spec == "auto"), None)
 
 
 class FastPath:
@@ -74,7 +89,8 @@ class FastPath:
         self.decompress = ffi.cast("int (*)(const char *, char *, int, int)", fn or 0)
         self.pool_generation = None
         self.pool_arrays = None
-        self.views = weakref.WeakKeyDictionary()   # client -> RegionViews
+        self.clients = weakref.WeakKeyDictionary()   # client -> ClientViews
+        self.regions = weakref.WeakKeyDictionary()   # region -> RegionView
         self.call = ffi.new("struct ufc_fault_call *")
         self.released = ffi.new("int64_t[]", MAX_FAULTS)
         # (pages, 4096): fault-around restores up to that many pages at once
@@ -86,9 +102,9 @@ class FastPath:
         """Read client's messages, serving what the fast path can (and, with spin,
         waiting up to UFCRAM_SPIN_US for more); returns (first, n, regions served in):
         msgs[first:n] are the caller's to serve, in order."""
-        views = self.views.get(client)
+        views = self.clients.get(client)
         if views is None or views.generation != client.layout_generation:
-            views = self.views[client] = RegionViews(client)
+            views = self.clients[client] = ClientViews(client, self.regions)
         call = self.call
         call.client_limit = -1 if client.limit.pages is None else client.limit.pages
         call.may_grant = not self.pager.overflow.closed and client.parent is None

@@ -206,3 +206,33 @@ def test_auto_budgets_share_their_count_with_the_fast_path(node):
         del a
         r.close()
     assert n.stats()["auto_budget_writable_pages"] == 0
+
+
+def test_faults_find_their_region_among_many(node):
+    """Regions come and go between faults: each fault is served in the region that
+    holds it (the fast path searches them by address), with that region's bytes."""
+    n, native = node
+    rng = np.random.default_rng(11)
+    live = {}
+    for step in range(60):
+        if live and rng.random() < 0.3:   # one goes, the others stay where they are
+            r, a, data, _ = live.pop(int(rng.choice(list(live))))
+            del a
+            r.close()
+        data = text_pages(int(rng.integers(1, 9)), seed=step)
+        r, a = filled(n, data, write_budget=int(rng.integers(0, 3)))
+        r.demote()
+        live[step] = (r, a, data, r.stats()["faults"])
+        for _, (r, a, data, _) in sorted(live.items(), key=lambda kv: rng.random()):
+            p = int(rng.integers(0, len(data)))
+            if rng.random() < 0.3:
+                a[p, 1] = data[p, 1] = step
+            assert np.array_equal(a[p], data[p])
+    for r, a, data, before in live.values():
+        assert np.array_equal(a, data)
+        stats = r.stats()
+        # every fault since the demotion was on a demoted or read-only page: the fast
+        # path's, each one in the right region
+        assert stats["fast_path_faults"] == (stats["faults"] - before if native else 0)
+        del a
+        r.close()
