@@ -34,7 +34,7 @@ SETTINGS = {s.name: s for s in (
             "physical capacity of a node's compressed pool"),
     Setting("UFCRAM_STAGING_PAGES", "pages", 256,
             "pages the agent copies out per demotion batch (shared staging buffer size)"),
-    Setting("UFCRAM_FAULT_AROUND", "pages", 16,
+    Setting("UFCRAM_FAULT_AROUND", "pages", 64,
             "largest readahead window: pages restored (or zero-filled) per fault when "
             "access is sequential; 1 turns fault-around off"),
     Setting("UFCRAM_FAST_PATH", "0/1", 1,

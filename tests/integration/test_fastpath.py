@@ -30,6 +30,7 @@ def mixed_pages(n, seed=0):
 @pytest.fixture(params=["1", "0"], ids=["native", "python"])
 def node(request, monkeypatch):
     monkeypatch.setenv("UFCRAM_FAST_PATH", request.param)
+    monkeypatch.setenv("UFCRAM_FAULT_AROUND", "16")   # the page counts below assume it
     with ufcram.Node(capacity=64 * MiB) as n:
         yield n, request.param == "1"
 
