@@ -122,8 +122,10 @@ static int64_t install(int uffd, uint64_t addr, uint8_t *bounce, int64_t count, 
 	return copy.copy / UFC_PAGE_SIZE;
 }
 
-/* Pages the limits still let in for a fault in r: at a limit, Python serves the fault,
- * goes over it and demotes down to its low watermark, as on its own path. */
+/* Pages the resident limits still let in for a fault in r, at most `most`. A fault at a
+ * limit still brings its own page in, as on Python's path: the call then ends, and
+ * Python demotes down to the low watermark (or, while a demotion is in flight, after
+ * it). */
 static int64_t headroom(const struct ufc_region_view *r, const struct ufc_fault_call *call,
 			int64_t most)
 {
@@ -155,8 +157,8 @@ static int64_t restore_read(int uffd, const struct ufc_pool_view *pool, struct u
 			    int64_t page, struct ufc_fault_call *call)
 {
 	int64_t most = headroom(r, call, call->bounce_pages);
-	if (most <= 0)
-		return 0;
+	if (most <= 0)   /* at a limit already (a demotion is in flight): the page alone */
+		most = 1;
 	int64_t window, count = run_length(r, page, most, &window), loaded = 0;
 	while (loaded < count && load_entry(pool, r->entry[page + loaded],
 					    call->bounce + loaded * UFC_PAGE_SIZE) == 0)
@@ -177,7 +179,7 @@ static int64_t restore_read(int uffd, const struct ufc_pool_view *pool, struct u
 static int64_t restore_write(int uffd, const struct ufc_pool_view *pool,
 			     struct ufc_region_view *r, int64_t page, struct ufc_fault_call *call)
 {
-	if (headroom(r, call, 1) <= 0 || load_entry(pool, r->entry[page], call->bounce) < 0 ||
+	if (load_entry(pool, r->entry[page], call->bounce) < 0 ||
 	    !install(uffd, r->base + (uint64_t)page * UFC_PAGE_SIZE, call->bounce, 1, 0))
 		return 0;
 	written(r, page, call);
@@ -195,7 +197,8 @@ static int upgrade(int uffd, struct ufc_region_view *r, int64_t page, struct ufc
 	return 1;
 }
 
-/* 1 if the fault was served, 0 if it is Python's to serve. */
+/* 0 if the fault is Python's to serve; 1 if it was served, 2 if that left its region
+ * or the client over a resident limit (Python is to demote now). */
 static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
 		 int nregions, const struct uffd_msg *m, struct ufc_fault_call *call)
 {
@@ -225,7 +228,7 @@ static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_v
 	if (r->faults++ == 0)
 		call->touched[call->ntouched++] = at;
 	r->restored += restored;
-	return 1;
+	return (r->limit >= 0 && resident(r) > r->limit) || call->room < 0 ? 2 : 1;
 }
 
 int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
@@ -254,11 +257,12 @@ int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_regi
 			continue;
 		}
 		for (int i = 0; i < n; i++) {
-			if (served >= call->max_faults || !serve(uffd, pool, regions, nregions, &m[i], call)) {
+			int rc = served < call->max_faults ? serve(uffd, pool, regions, nregions, &m[i], call) : 0;
+			served += rc > 0;
+			if (rc != 1) {   /* messages i..n-1 (or i+1..n-1) are Python's, in order */
 				call->nmsgs = n;
-				return i;   /* messages i..n-1 are Python's, in order */
+				return rc ? i + 1 : i;
 			}
-			served++;
 		}
 		idle_since = now_ns();
 	}
