@@ -113,13 +113,9 @@ static int64_t install(int uffd, uint64_t addr, uint8_t *bounce, int64_t count, 
 				    .len = (uint64_t)count * UFC_PAGE_SIZE, .mode = mode };
 	if (ioctl(uffd, UFFDIO_COPY, &copy) == 0)
 		return count;
-	if (copy.copy <= 0)   /* EAGAIN, EEXIST, ... at the first page: Python's, as always */
-		return 0;
-	if (errno == EEXIST) {   /* as Uffd.copy: wake whoever waits on the rest */
-		struct uffdio_range range = { addr, (uint64_t)count * UFC_PAGE_SIZE };
-		ioctl(uffd, UFFDIO_WAKE, &range);
-	}
-	return copy.copy / UFC_PAGE_SIZE;
+	/* EAGAIN, EEXIST, ... at the first page: Python's, as always. Past it the kernel
+	 * answers EAGAIN with the bytes it put in, and has woken their waiters. */
+	return copy.copy > 0 ? copy.copy / UFC_PAGE_SIZE : 0;
 }
 
 /* Pages the resident limits still let in for a fault in r, at most `most`. A fault at a
