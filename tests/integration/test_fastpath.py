@@ -222,15 +222,18 @@ def test_auto_budgets_share_their_count_with_the_fast_path(node):
     """Pages the fast path makes writable under auto budgets count in the node-wide
     tally the budgets read, as Python's own grants do."""
     n, native = node
-    regions = [filled(n, text_pages(128, seed=s), write_budget="auto") for s in (9, 10)]
-    for r, a in regions:
+    datas = [text_pages(128, seed=s) for s in (9, 10)]
+    regions = [filled(n, data, write_budget="auto") for data in datas]
+    for (r, a), data in zip(regions, datas):
         r.demote()
         for p in spaced(64, 2):
             a[p, 0] ^= 1
+            data[p, 0] ^= 1
     writable = sum(r.stats()["writable"] for r, _ in regions)
     assert writable > 0
     assert n.stats()["auto_budget_writable_pages"] == writable
-    for r, a in regions:
+    for (r, a), data in zip(regions, datas):
+        assert np.array_equal(a, data)
         assert (r.stats()["fast_path_faults"] > 0) == native
         del a
         r.close()
