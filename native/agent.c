@@ -102,7 +102,7 @@ static int begin_drop(struct agent *a, const struct ufc_run *runs, uint32_t nrun
 	struct span add[UFC_AGENT_MAX_RUNS];
 	for (uint32_t i = 0; i < nruns; i++)
 		add[i] = (struct span){ runs[i].addr, runs[i].addr + runs[i].len };
-	qsort(add, nruns, sizeof(*add), span_order);
+	spans_sort(add, nruns);
 	pthread_mutex_lock(&a->lock);
 	int rc = a->dead ? -EPIPE : spans_add(&a->dropped, add, nruns);
 	if (!rc) {
@@ -369,6 +369,35 @@ static void *agent_main(void *arg)
 	return NULL;
 }
 
+#define OWN_STACK (256 << 10)
+
+int own_stacks;
+
+int own_thread(pthread_t *t, void *(*main)(void *), void *arg, int detached)
+{
+	/* Never freed: a thread cannot unmap the stack it runs on. The preload library
+	 * starts a few threads for the life of the process; a Python program that makes
+	 * and closes connections keeps glibc's stacks, which glibc recycles. */
+	void *stack = own_stacks ? mem_resize(NULL, 0, OWN_STACK) : NULL;
+	if (own_stacks && !stack)
+		return ENOMEM;
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	if (stack)
+		pthread_attr_setstack(&attr, stack, OWN_STACK);
+	if (detached)
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	int rc = pthread_create(t, &attr, main, arg);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&attr);
+	if (rc && stack)
+		mem_free(stack, OWN_STACK);
+	return rc;
+}
+
 int ufc_agent_start(int uffd, int sock, uint64_t staging, uint64_t staging_len)
 {
 	struct agent *a = mem_resize(NULL, 0, sizeof(*a));
@@ -384,17 +413,10 @@ int ufc_agent_start(int uffd, int sock, uint64_t staging, uint64_t staging_len)
 			     .staging_len = staging_len, .refs = 2,
 			     .handler_pidfd = -1 };
 	pthread_mutex_init(&a->lock, NULL);
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	/* the agent must never run the application's signal handlers */
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
 	pthread_t watcher, commands;
-	int rc = pthread_create(&watcher, NULL, watch_main, a);
+	int rc = own_thread(&watcher, watch_main, a, 0);
 	if (!rc) {
-		rc = pthread_create(&commands, &attr, agent_main, a);
+		rc = own_thread(&commands, agent_main, a, 1);
 		if (rc) {   /* the watcher is still in its first poll, a cancellation point */
 			pthread_cancel(watcher);
 			pthread_join(watcher, NULL);
@@ -402,8 +424,6 @@ int ufc_agent_start(int uffd, int sock, uint64_t staging, uint64_t staging_len)
 			pthread_detach(watcher);
 		}
 	}
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	pthread_attr_destroy(&attr);
 	if (rc) {
 		close(own);
 		pthread_mutex_destroy(&a->lock);

@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -23,14 +24,29 @@
 #define AGENT_MAX_ADOPTED 512
 
 /* --- the agent's own memory ---------------------------------------------------------
- * Straight from the kernel: under the preload library malloc may hand out managed
- * memory, and the thread that serves faults must never fault on memory it serves. */
+ * Straight from the kernel, and file memory, private: the preload library manages every
+ * private anonymous mapping of the process, and a thread that serves faults must never
+ * fault on memory it serves. A private mapping of a memfd is never managed, shows as
+ * /memfd:ufcram in the maps, and forks like any private memory (a forked child's glibc
+ * rewrites the descriptors of our threads, which live on stacks made here). */
 static inline void *mem_resize(void *p, size_t old, size_t len)
 {
-	void *q = p ? (void *)syscall(SYS_mremap, p, old, len, MREMAP_MAYMOVE)
-		    : (void *)syscall(SYS_mmap, NULL, len, PROT_READ | PROT_WRITE,
-				      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	return q == MAP_FAILED ? NULL : q;
+	/* not mremap: the file keeps its size, and pages past it would raise SIGBUS */
+	int fd = (int)syscall(SYS_memfd_create, "ufcram", MFD_CLOEXEC);
+	if (fd < 0)
+		return NULL;
+	void *q = MAP_FAILED;
+	if (!ftruncate(fd, (off_t)len))
+		q = (void *)syscall(SYS_mmap, NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE,
+				    fd, 0);
+	close(fd);
+	if (q == MAP_FAILED)
+		return NULL;
+	if (p) {
+		memcpy(q, p, old < len ? old : len);
+		syscall(SYS_munmap, p, old);
+	}
+	return q;
 }
 
 static inline void mem_free(void *p, size_t len)
@@ -38,6 +54,13 @@ static inline void mem_free(void *p, size_t len)
 	if (p)
 		syscall(SYS_munmap, p, len);
 }
+
+/* A thread of ours (agent, watcher, coverage scanner) with every signal blocked (the
+ * application's signal handlers are not ours to run), on a stack of our own memory when
+ * own_stacks is set: the preload library sets it, since glibc's stacks are private
+ * anonymous memory, which it hands to the node. */
+UFC_HIDDEN extern int own_stacks;
+UFC_HIDDEN int own_thread(pthread_t *t, void *(*main)(void *), void *arg, int detached);
 
 /* --- a set of address ranges: sorted, disjoint, never touching (dropped.c) ----------- */
 struct span {
@@ -55,7 +78,7 @@ UFC_HIDDEN int spans_push(struct spans *s, uint64_t start, uint64_t end);
 UFC_HIDDEN void spans_remove(struct spans *s, uint64_t start, uint64_t end);
 UFC_HIDDEN int spans_move(struct spans *s, uint64_t from, uint64_t to, uint64_t len);
 UFC_HIDDEN int spans_copy(struct spans *dst, const struct spans *src);
-UFC_HIDDEN int span_order(const void *x, const void *y);
+UFC_HIDDEN void spans_sort(struct span *v, size_t n);
 
 /* --- the two threads' shared state (agent.c, fallback.c) ----------------------------- */
 struct agent {

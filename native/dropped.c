@@ -141,8 +141,16 @@ int spans_copy(struct spans *dst, const struct spans *src)
 	return 0;
 }
 
-int span_order(const void *x, const void *y)
+/* Insertion sort by start: the handler sends runs in address order, so this is one pass.
+ * Not qsort, which may take its buffer from malloc: the heap is memory the node holds,
+ * possibly pages of the very batch being demoted. */
+void spans_sort(struct span *v, size_t n)
 {
-	const struct span *a = x, *b = y;
-	return (a->start > b->start) - (a->start < b->start);
+	for (size_t i = 1; i < n; i++) {
+		struct span x = v[i];
+		size_t j = i;
+		for (; j > 0 && v[j - 1].start > x.start; j--)
+			v[j] = v[j - 1];
+		v[j] = x;
+	}
 }
