@@ -18,6 +18,9 @@
 #define UFC_PROTO_SET_CAPACITY 6 /* node capacity in bytes */
 #define UFC_PROTO_LIMITS 7       /* the client's resident limit over all its regions */
 #define UFC_PROTO_PING 8         /* is the handler there and reading? (no payload) */
+/* HELLO's flags */
+#define UFC_PROTO_HELLO_COVERS 1 /* the client manages all its mappings (the preload
+                                    library): a fault outside its regions extends them */
 /* replies */
 #define UFC_PROTO_OK 100
 #define UFC_PROTO_ERROR 101

@@ -12,7 +12,7 @@ import numpy as np
 
 from .agent import AgentLink
 from .errors import HandlerError, ProtocolError
-from .pagetable import PAGE_SIZE, PageTable
+from .pagetable import NO_ENTRY, PAGE_SIZE, UNTOUCHED, PageTable
 from . import config
 from .policy import Clock, Readahead, ResidentLimit, WriteBudget
 from .uffd import Uffd
@@ -48,6 +48,15 @@ class ManagedRegion:
         if self.auto_writable is not None:
             table.join(self.auto_writable)
 
+    def narrow(self, first, last):
+        """Hold only pages [first, last) from now on: the rest was cut away."""
+        referenced = self.clock.referenced[first:last]
+        self.use(self.table.slice(first, last))
+        self.clock = Clock(last - first)
+        self.clock.referenced[:] = referenced
+        self.readahead = Readahead(config.get("UFCRAM_FAULT_AROUND"))
+        self.freed_in_flight = self.freed_in_flight[first:last].copy()
+
     def stats(self):
         return {"pages": self.table.npages, "resident": self.table.resident,
                 **self.table.counts(), **self.counters,
@@ -71,6 +80,8 @@ class Client:
         self.staging_addr = 0
         self.staging_used = False   # holds pages since its last release_staging()
         self.regions = {}
+        self.covers_mappings = False   # HELLO's flag (the preload library)
+        self.default_budget = "auto"   # of its regions, for those the handler adds
         self.limit = ResidentLimit(None)   # over all regions (LIMITS), besides each one's
         self.retired = dict.fromkeys(COUNTERS, 0)   # counters of the regions it released
         # the agent's own drops in flight: where the next REMOVE of each span starts ->
@@ -145,6 +156,38 @@ class Client:
                                           auto_writable)
         self._index()
         return rid
+
+    def carve(self, start, end, keep_used=False):
+        """Make room for a region at [start, end) where older regions hold nothing: the
+        application unmapped that memory (its pages were reaped) and mapped anew there.
+        Each older region keeps what lies outside, cut in two if need be. One that holds
+        pages there is refused, or with keep_used left as it is."""
+        for region in self.overlapping(start, end):
+            table = region.table
+            first = max(0, table.page_of(start))
+            last = min(table.npages, -(-(end - table.base) // PAGE_SIZE))
+            if (table.state[first:last] != UNTOUCHED).any() or \
+                    (table.entry[first:last] != NO_ENTRY).any():
+                if keep_used:
+                    continue
+                raise ProtocolError(f"region {start:#x}+{end - start:#x} overlaps pages "
+                                    f"of region {region.id} that are still in use")
+            if first == 0 and last == table.npages:
+                self.remove_region(region.id)
+                continue
+            if 0 < first and last < table.npages:
+                self.adopt(table.slice(last, table.npages), region)
+            region.narrow(*((0, first) if first > 0 else (last, table.npages)))
+            self._index()
+
+    def gaps(self, start, end):
+        """The parts of [start, end) that no region holds, as (start, end) pairs."""
+        found, at = [], start
+        for region in sorted(self.overlapping(start, end), key=lambda r: r.table.base):
+            if region.table.base > at:
+                found.append((at, region.table.base))
+            at = max(at, region.table.end)
+        return found + [(at, end)] if at < end else found
 
     def check_quota(self, length, max_regions, max_bytes):
         """A client's share of the handler (0: no limit): its page tables cost the

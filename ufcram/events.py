@@ -56,6 +56,12 @@ def on_free(pager, client, start, end, event):
         pages = pages[~in_flight]
         region.counters["reaped"] += pager.release(table, pages)
         table.set(pages, UNTOUCHED)
+        if client.covers_mappings and event == EVENT_UNMAP and \
+                len(pages) == table.npages and not in_flight.any():
+            # gone whole: the preload library registers every mapping, so programs that
+            # map and unmap (allocators do) would pile up dead regions. (A Region is
+            # unmapped first and unregistered after, by its id.)
+            client.remove_region(region.id)
 
 
 def on_remap(client, old, new, length):

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import config, events
+from . import config, coverage, events
 from . import protocol as P
 from ._shim import lib
 from .client import Client
@@ -257,8 +257,9 @@ class Handler:
         except OSError:
             self.drop_client(client)
 
-    def hello(self, client, fds, staging_bytes, _reserved):
+    def hello(self, client, fds, staging_bytes, flags):
         client.attach(fds, staging_bytes, WANTED)
+        client.covers_mappings = bool(flags & P.HELLO_COVERS)
         # not agent.ping(): its blocking recv let an agent socket that never answers
         # stall the handler for good; await_agent times out and serves faults meanwhile
         client.agent.send(lib.UFC_AGENT_PING)
@@ -271,9 +272,7 @@ class Handler:
     def register(self, client, fds, start, length, resident_limit, write_budget):
         limit = None if resident_limit == P.NO_LIMIT else resident_limit
         budget = "auto" if write_budget == P.AUTO_BUDGET else write_budget
-        client.check_quota(length, self.max_regions, self.max_client_bytes)
-        rid = client.add_region(start, length, limit, budget, self.pager.auto_writable)
-        return P.COUNT.pack(rid)
+        return P.COUNT.pack(coverage.add_region(self, client, start, length, limit, budget))
 
     def unregister(self, client, fds, rid, restore):
         region = client.region(rid)
@@ -354,8 +353,10 @@ class Handler:
                 self.faulted(client, region)
             for event, a0, a1, a2 in batch:
                 if event == EVENT_PAGEFAULT:
-                    self.faulted(client, self.pager.fault(client, a1 & ~(PAGE_SIZE - 1), a0,
-                                                          a2 & 0xFFFFFFFF))
+                    addr = a1 & ~(PAGE_SIZE - 1)
+                    if client.covers_mappings and client.locate(addr) is None:
+                        coverage.cover_fault(self, client, addr)
+                    self.faulted(client, self.pager.fault(client, addr, a0, a2 & 0xFFFFFFFF))
                 else:
                     child = events.dispatch(self.pager, client, event, a0, a1, a2)
                     if child is not None:

@@ -114,8 +114,13 @@ class Pager:
         count = self.run_length(region, page, UNTOUCHED)
         self.map_zeros(client, table.address_of(page), write)
         if count > 1:   # the kernel stops at a page already there: only those before it
-            count = 1 + client.uffd.zeropage(table.address_of(page + 1),
-                                             (count - 1) * PAGE_SIZE) // PAGE_SIZE
+            try:
+                count = 1 + client.uffd.zeropage(table.address_of(page + 1),
+                                                 (count - 1) * PAGE_SIZE) // PAGE_SIZE
+            except UffdError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                count = 1   # the window crosses into another mapping (a split region)
         table.set(np.arange(page, page + count), NORMAL)
         region.counters["zero_fills"] += count
 

@@ -79,6 +79,13 @@ class PageTable:
         other.state[:], other.entry[:], other.tally[:] = self.state, self.entry, self.tally
         return other
 
+    def slice(self, first, last):
+        """Pages [first, last) as a table of their own (a region cut apart)."""
+        other = PageTable(self.address_of(first), last - first)
+        other.state[:], other.entry[:] = self.state[first:last], self.entry[first:last]
+        other.tally[:] = np.bincount(other.state, minlength=len(STATE_NAMES))
+        return other
+
     @property
     def end(self):
         return self.base + self.npages * PAGE_SIZE

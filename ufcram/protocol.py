@@ -25,6 +25,7 @@ STATS = lib.UFC_PROTO_STATS                # region id (or NODE[_SUMMARY]) -> JS
 SET_CAPACITY = lib.UFC_PROTO_SET_CAPACITY  # node capacity in bytes
 LIMITS = lib.UFC_PROTO_LIMITS              # the client's resident limit, all regions
 PING = lib.UFC_PROTO_PING                  # is the handler there? (no payload)
+HELLO_COVERS = lib.UFC_PROTO_HELLO_COVERS  # HELLO flag: the client covers all its mappings
 # replies
 OK = lib.UFC_PROTO_OK
 ERROR = lib.UFC_PROTO_ERROR
@@ -35,7 +36,7 @@ NO_LIMIT = (1 << 64) - 1   # REGISTER: no resident limit
 AUTO_BUDGET = -1           # REGISTER: write budget "auto"
 
 PAYLOADS = {
-    HELLO: struct.Struct("<Qi"),
+    HELLO: struct.Struct("<Qi"),        # staging bytes, flags
     REGISTER: struct.Struct("<QQQq"),   # limit 2**64-1: none; budget -1: auto
     UNREGISTER: struct.Struct("<IB"),
     DEMOTE: struct.Struct("<IQQ"),
