@@ -1,5 +1,6 @@
 /* Four threads, each with a large buffer of its own and a quarter of a shared one, fill
- * and verify them over two rounds while the resident limit demotes under them.
+ * and verify them over eight rounds while the resident limit demotes under them (the
+ * first round may run before the library has found the buffers).
  * usage: threads */
 #include "common.c"
 
@@ -9,7 +10,7 @@
 #define OWN (2 * MiB)
 #define SHARED (4 * MiB)
 #define QUARTER (SHARED / THREADS)
-#define ROUNDS 2
+#define ROUNDS 8
 
 static char *shared;
 static pthread_barrier_t barrier;
@@ -23,8 +24,8 @@ static void *work(void *arg)
 {
 	int me = (int)(intptr_t)arg;
 	char what[96];
-	/* allocated while the other threads allocate theirs: the library's table of managed
-	 * blocks and the node's registrations take them concurrently */
+	/* allocated while the other threads allocate theirs: the library registers mappings
+	 * while threads make and fill them */
 	char *own = xmalloc(OWN);
 	for (int round = 0; round < ROUNDS; round++) {
 		fill(own, OWN, seed_of(round, me));
