@@ -440,7 +440,7 @@ class Pager:
             self.despite_events(client, client.uffd.copy_many,
                                 table.base + pages[rows] * PAGE_SIZE,
                                 client.staging_addr + rows * PAGE_SIZE)
-        for state in np.unique(before[keep]):
+        for state in np.unique(before[keep]).tolist():   # plain ints, as every caller's
             table.set(pages[keep & (before == state)], state)
 
     def despite_events(self, client, ioctl, *args):
