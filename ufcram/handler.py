@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import config, events
+from . import config, events, pinned
 from . import protocol as P
 from ._shim import lib
 from .client import Client
@@ -183,8 +183,11 @@ class Handler:
         """Reap what no event told us about: forked children that have exited, and pool
         entries no page table refers to; give back staging memory."""
         self.reap_exited()
-        for client in self.by_uffd.values():
+        for client in list(self.by_uffd.values()):
             client.release_staging()
+            if any(r.pinned.any() for r in client.regions.values()):
+                # munlock gives no event: look again while anything is pinned
+                self.guarded(client, pinned.pin_locked, self.pager, client)
         self.check_auto_writable()
         held = [r.table.entry for c in self.by_uffd.values() for r in c.regions.values()]
         orphans = self.pool.orphans(np.concatenate(held) if held else np.empty(0, np.int64))
