@@ -39,6 +39,8 @@ class ManagedRegion:
         # pages the application freed while they were in flight to the node: their
         # staged copy must not come back
         self.freed_in_flight = np.zeros(table.npages, bool)
+        # pages the application has locked (mlock): never demoted (pinned.py)
+        self.pinned = np.zeros(table.npages, bool)
 
     def use(self, table):
         """Hold the region's pages in table from now on (a new one after mremap)."""
@@ -60,6 +62,7 @@ class ManagedRegion:
     def stats(self):
         return {"pages": self.table.npages, "resident": self.table.resident,
                 **self.table.counts(), **self.counters,
+                "pinned": int(np.count_nonzero(self.pinned)),
                 "write_budget": self.budget.spec,
                 "resident_limit": None if self.limit.pages is None
                 else self.limit.pages * PAGE_SIZE}

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import config, coverage, events
+from . import config, coverage, events, pinned
 from . import protocol as P
 from ._shim import lib
 from .client import Client
@@ -25,6 +25,7 @@ from .pager import POLLIN, Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
 from .fastpath import FastPath
+from .guard import Repeats
 from .uffd import EVENT_PAGEFAULT, MSG_DTYPE, WANTED
 from .wakeup import FastWake, poll_spinning
 
@@ -44,8 +45,10 @@ class Handler:
         self.poller = select.poll()
         self.msgs = np.zeros(64, MSG_DTYPE)
         self.overflow = Overflow()
+        self.repeats = Repeats(log)   # errors said once per client, then counted
         self.pager = Pager(pool, self.overflow, self.by_uffd, self.drain_uffd,
-                           int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000))
+                           int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000),
+                           self.repeats)
         self.scan_interval = config.get("UFCRAM_SCAN_INTERVAL", float)
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
@@ -98,6 +101,7 @@ class Handler:
             self.poller.unregister(client.uffd.fd)
             self.count_departed(client)   # here: once per client, however often dropped
         self.touched = {t for t in self.touched if t[0] is not client}
+        self.repeats.forget(client)
         client.close()
         if self.listener is not None:   # a descriptor is free again (see accept_client)
             self.poller.register(self.listener.fileno(), POLLIN)
@@ -165,20 +169,25 @@ class Handler:
                 log.warning("node upkeep interrupted: %s", e)
 
     def guarded(self, client, fn, *args):
+        """Policy work for one client: a failure is said (once, then counted) and the
+        client is served on. Not even a bug of ours drops it: that would take its memory
+        away, where a limit not enforced this turn costs only resident memory."""
         try:
             return fn(*args)
         except (UfcramError, OSError) as e:
-            log.warning("client pid %d: %s", client.pid, e)
-        except Exception:   # a bug: lose this client, never the other clients' memory
-            log.exception("client pid %d: unexpected failure; dropping it", client.pid)
-            self.drop_client(client)
+            self.repeats.warn(client, str(e))
+        except Exception as e:
+            self.repeats.warn(client, f"unexpected failure: {e!r}", exc_info=True)
 
     def scan(self):
         """Reap what no event told us about: forked children that have exited, and pool
         entries no page table refers to; give back staging memory."""
         self.reap_exited()
-        for client in self.by_uffd.values():
+        for client in list(self.by_uffd.values()):
             client.release_staging()
+            if any(r.pinned.any() for r in client.regions.values()):
+                # munlock gives no event: look again while anything is pinned
+                self.guarded(client, pinned.pin_locked, self.pager, client)
         self.check_auto_writable()
         held = [r.table.entry for c in self.by_uffd.values() for r in c.regions.values()]
         orphans = self.pool.orphans(np.concatenate(held) if held else np.empty(0, np.int64))
@@ -223,7 +232,7 @@ class Handler:
         if not frame:
             P.close_all(fds)
             return self.drop_client(client)
-        seq = 0
+        seq = op = 0
         # attach() takes the descriptors out of fds once it owns them, so remember
         # whether this was a HELLO with descriptors: a failed one must drop the client
         took_fds = bool(fds)
@@ -238,16 +247,18 @@ class Handler:
                 raise ProtocolError(f"unknown request op {op}")
             reply = handler(client, fds, *P.unpack_request(op, payload))
             self.reply(client, P.OK, seq, reply)
-        except (UfcramError, OSError) as e:
+        except Exception as e:
+            # A bug of ours fails the request, not the client: it gets an error reply
+            # and its memory is served on. (Dropping it would turn its demoted pages
+            # into SIGBUS for a failure that was ours.)
+            if not isinstance(e, (UfcramError, OSError)):
+                self.repeats.warn(client, f"request op {op} failed unexpectedly: {e!r}",
+                                  exc_info=True)
             code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
-            self.reply(client, P.ERROR, seq, P.error_payload(code, str(e)))
+            self.reply(client, P.ERROR, seq, P.error_payload(code, str(e) or repr(e)))
             if took_fds:   # a failed HELLO: nothing of this client can be trusted
                 P.close_all(fds)
                 self.drop_client(client)
-        except Exception:   # a bug: lose this client, never the other clients' memory
-            log.exception("client pid %d: request failed unexpectedly; dropping it", client.pid)
-            P.close_all(fds)
-            self.drop_client(client)
 
     def reply(self, client, op, seq, payload):
         try:
@@ -345,6 +356,13 @@ class Handler:
             except UffdError as e:
                 log.error("client pid %d: reading its uffd failed: %s", client.pid, e)
                 return self.drop_client(client)
+            except Exception as e:
+                # a bug after the read (the fast path's books): the messages read went
+                # with it, so wake every waiter; a thread whose page is still missing
+                # faults again, in a message of its own, instead of waiting forever
+                self.repeats.warn(client, f"serving its uffd failed unexpectedly: {e!r}",
+                                  exc_info=True)
+                return self.wake_all(client)
             # tuples, not views: nested drains (await_agent) reuse self.msgs
             batch = self.msgs[first:n][["event", "arg0", "arg1", "arg2"]].tolist()
             if batch or served:
@@ -352,19 +370,48 @@ class Handler:
             for region in served:
                 self.faulted(client, region)
             for event, a0, a1, a2 in batch:
-                if event == EVENT_PAGEFAULT:
+                if event == EVENT_PAGEFAULT:   # Pager.fault guards itself (it retries)
                     addr = a1 & ~(PAGE_SIZE - 1)
                     if client.covers_mappings and client.locate(addr) is None:
-                        coverage.cover_fault(self, client, addr)
+                        self.cover(client, addr)
                     self.faulted(client, self.pager.fault(client, addr, a0, a2 & 0xFFFFFFFF))
                 else:
-                    child = events.dispatch(self.pager, client, event, a0, a1, a2)
-                    if child is not None:
-                        self.watch_uffd(child)
+                    self.dispatch_event(client, event, a0, a1, a2)
             if n < len(self.msgs):
                 # the queue is empty, so no event blocks the ioctls any more: retry the
                 # faults that met EAGAIN (those on pages in flight wait again)
                 return self.pager.resolve_deferred()
+
+    def cover(self, client, addr):
+        """A fault outside every region of a client that covers its mappings: cover the
+        mapping. A bug here is said and the fault is served as outside every region."""
+        try:
+            coverage.cover_fault(self, client, addr)
+        except Exception as e:
+            self.repeats.warn(client, f"covering {addr:#x} failed unexpectedly: {e!r}",
+                              exc_info=True)
+
+    def dispatch_event(self, client, event, a0, a1, a2):
+        """One non-fault event. Nothing raised here may leave: out of the main loop it
+        would end every client's memory with the handler, and out of a drain nested in
+        await_agent it would unwind the demotion in flight there, another client's
+        perhaps. The event has been read and is gone, so a bug is said (once, then
+        counted) and the batch goes on."""
+        try:
+            child = events.dispatch(self.pager, client, event, a0, a1, a2)
+            if child is not None:
+                self.watch_uffd(child)
+        except Exception as e:
+            self.repeats.warn(client, f"event {event} failed unexpectedly: {e!r}",
+                              exc_info=not isinstance(e, (UfcramError, OSError)))
+
+    @staticmethod
+    def wake_all(client):
+        for region in client.regions.values():
+            try:
+                client.uffd.wake(region.table.base, region.table.npages * PAGE_SIZE)
+            except UffdError:   # gone meanwhile: nobody waits there
+                pass
 
     def read_faults(self, client, spin):
         """(first, n, regions served in): the messages msgs[first:n] are left to

@@ -9,10 +9,11 @@ import select
 
 import numpy as np
 
-from . import config
+from . import config, pinned
 from ._shim import lib
 from .agent import MAX_RUNS
 from .errors import HandlerError, UffdError, UffdRetry
+from .guard import Repeats
 from .pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY,
                         UNTOUCHED, WRITABLE, SharedTally, bridged, pages_of, runs_of)
 from .policy import TAIL_PERCENTILE
@@ -47,8 +48,9 @@ def batches(pages, max_pages, max_runs, keep=None):
 
 
 class Pager:
-    def __init__(self, pool, overflow, clients, serve_uffd, agent_timeout_ms):
+    def __init__(self, pool, overflow, clients, serve_uffd, agent_timeout_ms, repeats=None):
         self.pool = pool
+        self.repeats = repeats or Repeats(log)
         self.overflow = overflow
         self.clients = clients          # uffd fd -> Client, shared with the handler
         self.serve_uffd = serve_uffd    # reads and dispatches one uffd's messages
@@ -66,15 +68,28 @@ class Pager:
 
     # --- faults --------------------------------------------------------------------
     def fault(self, client, addr, flags, tid):
-        """Resolve one fault; returns the region it fell in (None outside every one)."""
-        region = client.locate(addr)
+        """Resolve one fault; returns the region it fell in (None outside every one).
+        It never raises: it runs in drains nested in await_agent, where anything raised
+        would unwind the demotion in flight, perhaps another client's."""
+        region = None
         try:
+            region = client.locate(addr)
             self.resolve(client, region, addr, flags, tid)
         except UffdRetry:
             self.deferred.append((client, addr, flags, tid))
         except UffdError as e:
             if e.errno not in (errno.ENOENT, errno.ESRCH):   # range or process gone
                 log.error("client pid %d: fault at %#x: %s", client.pid, addr, e)
+        except Exception as e:
+            # A bug of ours: retried with the deferred ones (after this batch, then
+            # every loop turn), never dropped, which would hang its thread for good,
+            # nor resolved some simpler way: a page installed behind the books' back
+            # (unprotected but still READONLY, later dropped as clean) loses data
+            # silently, where a retry at worst keeps a thread waiting, said in the log,
+            # and clears by itself if the cause passes (a state an event changes).
+            self.repeats.warn(client, f"serving a fault failed unexpectedly: {e!r}",
+                              exc_info=True)
+            self.deferred.append((client, addr, flags, tid))
         return region
 
     def resolve(self, client, region, addr, flags, tid):
@@ -157,8 +172,18 @@ class Pager:
         else:
             pages = np.arange(page, page + count)
             self.pool.load_many(table.entry[pages], self.bounce[:count])
-        done = client.uffd.copy(table.address_of(page), self.bounce_addr, count * PAGE_SIZE,
-                                wp=not write) // PAGE_SIZE
+        try:
+            done = client.uffd.copy(table.address_of(page), self.bounce_addr,
+                                    count * PAGE_SIZE, wp=not write) // PAGE_SIZE
+        except UffdError as e:
+            if e.errno != errno.ENOENT or count == 1:
+                raise
+            # The run crosses into another mapping of the region (mlock, mprotect or a
+            # madvise split it): the kernel installs within one mapping only, and the
+            # fault, taken for a range gone, would never be served. Its page alone.
+            count, pages = 1, page
+            done = client.uffd.copy(table.address_of(page), self.bounce_addr, PAGE_SIZE,
+                                    wp=not write) // PAGE_SIZE
         if 1 < count and done < count:
             # the kernel stopped at a page already there: only those before it came in
             # (the faulting page itself is there either way)
@@ -264,15 +289,21 @@ class Pager:
         when its batch starts, not before: a read-only page written while an earlier
         batch was in flight has had its entry reaped, and dropped as clean it would
         be lost."""
-        done = sum(self.drop_clean(client, region, runs) for _, runs in
-                   batches(pages, DROP_BATCH, MAX_RUNS, lambda p: region.table.clean(p)))
-        for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS,
-                                   lambda p: region.table.dirty(p)):
+        def clean(p):
+            return region.table.clean(p) & ~region.pinned[p]
+
+        def dirty(p):
+            return region.table.dirty(p) & ~region.pinned[p]
+
+        done = sum(pinned.unless_locked(self, self.drop_clean, client, region, runs, clean)
+                   for _, runs in batches(pages, DROP_BATCH, MAX_RUNS, clean))
+        for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS, dirty):
             if self.overflow.closed:   # also once a batch has filled the node
                 left = pages[pages >= chunk[0]]
                 region.counters["refused_closed"] += int(region.table.dirty(left).sum())
                 break
-            done += self.demote_dirty(client, region, chunk, runs)
+            done += pinned.unless_locked(self, self.demote_dirty, client, region, runs,
+                                          dirty)
         return done
 
     def spans(self, table, runs):
@@ -305,17 +336,24 @@ class Pager:
         to DROP_BRIDGE more clean pages with them. The pages crossed are in flight too,
         so a fault on one waits until the drop is done."""
         table = region.table
-        runs = bridged(runs, table.state, DEMOTED, table.clean, DROP_BRIDGE)
+        first, end = int(runs[0, 0]), int(runs[-1, 0] + runs[-1, 1])
+        if not region.pinned[first:end].any():   # a span over locked memory fails whole
+            runs = bridged(runs, table.state, DEMOTED, table.clean, DROP_BRIDGE)
         pages = pages_of(runs)
         gap = table.state[pages] == DEMOTED
         table.set(pages, DEMOTING)
         status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
         self.settle_forks(client, region, pages, copied=None, absent=gap)
         freed = self.settle_freed(region, pages)
-        # A page the drop missed is still mapped read-only; one it dropped faults back
-        # from its entry. Both are right with the entry kept, so a failure loses nothing.
         table.set(pages[~freed & gap], DEMOTED)
-        table.set(pages[~freed & ~gap], DEMOTED if status >= 0 else READONLY)
+        if status >= 0:
+            table.set(pages[~freed & ~gap], DEMOTED)
+        else:
+            # The spans before the one that failed were dropped (a locked mapping stops
+            # madvise there), the rest were not: map every page back from its entry
+            # (those still there are skipped), for read-only must mean present, or a
+            # promotion would only unprotect a missing page and it would read zeros.
+            self.map_read_only(client, region, pages[~freed & ~gap])
         self.resolve_deferred()
         if status < 0:
             raise UffdError(-status, f"agent could not drop pages: {os.strerror(-status)}")
@@ -323,10 +361,11 @@ class Pager:
         region.counters["clean_redemotions"] += dropped
         return dropped
 
-    def demote_dirty(self, client, region, pages, runs):
+    def demote_dirty(self, client, region, runs):
         """Write-protect, copy out, drop (the agent); then store the copies. Pages the full
         pool refuses are stored over capacity and the node closes: nothing is ever lost."""
         table = region.table
+        pages = pages_of(runs)
         before = table.state[pages].copy()
         spans = self.spans(table, runs)
         table.set(pages, DEMOTING)
@@ -400,10 +439,11 @@ class Pager:
             mirror.table.set(pages[settle], NORMAL)
 
     def map_read_only(self, child, mirror, pages):
-        """A forked child's clean pages of a drop: mapped read-only from their entries,
-        for the child may have forked before the drop (the page is still there: EEXIST,
-        skipped) or after it (absent). Read-only must mean present: promotion only
-        unprotects a read-only page, and an absent one would then read as zeros."""
+        """Clean pages of a drop, mapped read-only from their entries where they are
+        missing (EEXIST where still there: skipped): a forked child's, which may have
+        forked before the drop or after it, and the pages of a drop that failed midway.
+        Read-only must mean present: promotion only unprotects a read-only page, and an
+        absent one would then read as zeros."""
         table, n = mirror.table, len(self.bounce)
         # not the bounce buffer: faults served while retrying (despite_events) use it
         buf = np.empty((min(n, len(pages)), PAGE_SIZE), np.uint8)
@@ -419,7 +459,7 @@ class Pager:
                 # ENOENT/ESRCH: unmapped or exited meanwhile. Otherwise presence is
                 # unknown: demoted is right either way (a fault restores from the entry)
                 if e.errno not in (errno.ENOENT, errno.ESRCH):
-                    log.error("forked child of pid %d: clean pages not mapped: %s",
+                    log.error("client pid %d: clean pages not mapped read-only: %s",
                               child.pid, e)
                 table.set(chunk, DEMOTED)
                 continue
@@ -445,7 +485,7 @@ class Pager:
             self.despite_events(client, client.uffd.copy_many,
                                 table.base + pages[rows] * PAGE_SIZE,
                                 client.staging_addr + rows * PAGE_SIZE)
-        for state in np.unique(before[keep]):
+        for state in np.unique(before[keep]).tolist():   # plain ints, as every caller's
             table.set(pages[keep & (before == state)], state)
 
     def despite_events(self, client, ioctl, *args):
@@ -500,8 +540,10 @@ class Pager:
 
     @staticmethod
     def coldest(region, n):
-        """Up to n of region's resident pages, not in flight, coldest by its CLOCK; sorted."""
-        candidates = region.table.present() & (region.table.state != DEMOTING)
+        """Up to n of region's resident pages, not in flight nor pinned, coldest by its
+        CLOCK; sorted."""
+        candidates = region.table.present() & (region.table.state != DEMOTING) & \
+            ~region.pinned
         return np.sort(region.clock.coldest(candidates, n))
 
     def relieve_overflow(self):

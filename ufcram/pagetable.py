@@ -62,14 +62,14 @@ class PageTable:
             tally, old = self.tally, self.state[pages]
             tally[old] -= 1
             tally[state] += 1
-            if shared is not None:
-                shared.pages += (state == shared.state) - int(old == shared.state)
+            if shared is not None:   # int(): numpy's bools would make the count numpy
+                shared.pages += int(state == shared.state) - int(old == shared.state)
         else:
             before = np.bincount(self.state[pages], minlength=len(STATE_NAMES))
             self.tally -= before
             self.tally[state] += len(pages)
             if shared is not None:
-                shared.pages += len(pages) * (state == shared.state) - \
+                shared.pages += len(pages) * int(state == shared.state) - \
                     int(before[shared.state])
         self.state[pages] = state
 

@@ -6,6 +6,8 @@ import os
 import socket
 import struct
 
+import numpy as np
+
 from ._shim import lib
 from .errors import ProtocolError
 
@@ -90,7 +92,16 @@ def parse_error(payload):
 
 
 def json_payload(obj):
-    return json.dumps(obj).encode()
+    return json.dumps(obj, default=plain).encode()
+
+
+def plain(value):
+    """json's fallback: a numpy scalar (an int64 count, a float64 ratio, a bool_ flag)
+    as the Python number it holds. The handler's books are numpy arrays, and one count
+    that slips through without int() must not fail the reply (and drop the client)."""
+    if isinstance(value, np.generic) and not isinstance(value, (np.void, np.bytes_)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def recv_frame(sock, with_fds=False):

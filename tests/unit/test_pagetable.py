@@ -110,3 +110,15 @@ def test_shared_tally_follows_every_change_of_its_tables():
             tables[2].join(shared)                                   # another comes
         joined = [x for x in tables if x.shared is shared]
         assert shared.pages == sum(int((x.state == WRITABLE).sum()) for x in joined)
+
+
+@pytest.mark.parametrize("one", [True, False], ids=["a page", "pages"])
+def test_shared_tally_stays_a_plain_int_when_the_state_is_a_numpy_scalar(one):
+    """States read back from a table are numpy scalars (np.unique of a batch's states
+    before a demotion failed): the count they change must stay an int, for it goes
+    into the node's JSON statistics."""
+    shared = SharedTally(WRITABLE)
+    table = PageTable(0x10000, 8)
+    table.join(shared)
+    table.set(np.int64(2) if one else np.arange(3), np.uint8(WRITABLE))
+    assert shared.pages == (1 if one else 3) and type(shared.pages) is int

@@ -1,4 +1,7 @@
 """ufcram.protocol: framing and validation, no sockets or kernel needed."""
+import json
+
+import numpy as np
 import pytest
 
 from ufcram import protocol as P
@@ -35,3 +38,20 @@ def test_unknown_op_and_wrong_payload_size():
 
 def test_error_payload_round_trip():
     assert P.parse_error(P.error_payload(22, "bad range")) == (22, "bad range")
+
+
+def test_json_payload_turns_numpy_scalars_into_plain_numbers():
+    """The handler's counts come from numpy arrays: one that reaches a reply without
+    int() must still encode (a STATS reply once failed on an int64 and dropped the
+    client)."""
+    reply = {"pages": np.int64(3), "small": np.uint8(7), "ratio": np.float64(0.5),
+             "closed": np.bool_(True), "nested": {"list": [np.int32(-2), np.float32(1.5)]}}
+    decoded = json.loads(P.json_payload(reply))
+    assert decoded == {"pages": 3, "small": 7, "ratio": 0.5, "closed": True,
+                       "nested": {"list": [-2, 1.5]}}
+    assert type(decoded["pages"]) is int and type(decoded["closed"]) is bool
+
+
+def test_json_payload_still_refuses_what_is_not_a_number():
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        P.json_payload({"what": object()})
