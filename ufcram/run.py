@@ -137,13 +137,14 @@ def departed_since(node, before, timeout=5.0):
 
 
 def start_node(args):
-    """The node the program joins: a running one (--node), or a private one whose
-    socket lives in a private directory for the length of the run."""
+    """The node the program joins, observed from here (no client of it): a running one
+    (--node), or a private one whose socket lives in a private directory for the length
+    of the run."""
     if args.node:
-        return Node.connect(args.node), args.node, None
+        return Node.connect(args.node, observe=True), args.node, None
     tmp = tempfile.TemporaryDirectory(prefix="ufcram-run-")
     path = os.path.join(tmp.name, "node.sock")
-    return Node(capacity=args.capacity, path=path), path, tmp
+    return Node(capacity=args.capacity, path=path, observe=True), path, tmp
 
 
 def main(args):
