@@ -12,6 +12,7 @@ import time
 
 from .errors import UfcramError
 from .node import Node
+from .reach import unreachable
 
 PAGE = 4096
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -147,10 +148,26 @@ def start_node(args):
     return Node(capacity=args.capacity, path=path, observe=True), path, tmp
 
 
+def check_reach(argv0, strict):
+    """None if the program may run, else the exit status: one line on stderr for a
+    program the preload library cannot enter; with --strict it is not run."""
+    why = unreachable(argv0)
+    if why is None:
+        return None
+    if strict:
+        print(f"ufcram run: {why}; not run (--strict)", file=sys.stderr)
+        return 2
+    print(f"ufcram run: {why}; it runs unmanaged, on plain memory", file=sys.stderr)
+    return None
+
+
 def main(args):
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not argv:
         raise UfcramError("ufcram run: no program given (ufcram run [options] -- cmd args...)")
+    refused = check_reach(argv[0], args.strict)
+    if refused is not None:
+        return refused
     node, path, tmp = start_node(args)
     try:
         env = program_environment(args, path)

@@ -1,8 +1,10 @@
-"""The launcher of `ufcram run` around its program: it only observes its node (never a
+"""The launcher of `ufcram run` around its program: the programs the preload library cannot
+enter (named, or refused with --strict), and the launcher only observing its node (never a
 client).
 Each run gets a private TMPDIR, so that its `ufcram-run-*` directory can be looked for."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from .test_preload import environment
+from .test_preload import environment, run, ufcram_run
 
 pytestmark = [pytest.mark.timeout(90)]
 
 UFCRAM = [sys.executable, "-m", "ufcram"]
+STATIC_LINE = "is statically linked: no loader reads LD_PRELOAD for it"
 
 
 def run_dirs(tmp):
@@ -82,6 +85,73 @@ class Launch:
         except ProcessLookupError:
             pass
         self.proc.communicate()
+
+
+# --- programs the preload library cannot enter ---------------------------------------------
+@pytest.fixture(scope="module")
+def static_program(tmp_path_factory):
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    out = tmp_path_factory.mktemp("static")
+    (out / "static.c").write_text('#include <stdio.h>\nint main(void) '
+                                  '{ puts("static ran"); return 0; }\n')
+    done = subprocess.run([gcc, "-static", "-o", out / "static-prog", out / "static.c"],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        pytest.skip(f"no static C library here (gcc -static failed):\n{done.stderr}")
+    return out / "static-prog"
+
+
+def test_a_static_program_is_named_then_runs_unmanaged(static_program):
+    done = ufcram_run(static_program)
+    assert done.returncode == 0 and done.stdout == b"static ran\n"
+    line = f"ufcram run: {static_program} {STATIC_LINE}; it runs unmanaged, on plain memory"
+    assert done.stderr.splitlines()[0] == line, done.stderr
+    assert "static-prog exited with status 0" in done.stderr
+
+
+def test_strict_refuses_a_static_program_with_status_2(static_program):
+    done = ufcram_run(static_program, options=["--strict"])
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr == f"ufcram run: {static_program} {STATIC_LINE}; not run (--strict)\n"
+
+
+def test_a_script_is_judged_by_the_interpreter_env_finds(static_program, tmp_path):
+    script = tmp_path / "script"
+    script.write_text("#!/usr/bin/env static-prog\n")
+    script.chmod(0o755)
+    env = environment(PATH=f"{static_program.parent}:{os.environ['PATH']}")
+    done = run([*UFCRAM, "run", "--strict", "--", script], env)
+    assert done.returncode == 2
+    assert f"{static_program} (the interpreter of {script}) {STATIC_LINE}" in done.stderr
+
+
+def test_a_dynamic_program_gets_no_such_line():
+    done = ufcram_run("sh", "-c", "exit 0", options=["--strict"])
+    assert done.returncode == 0 and "ufcram run: sh exited" in done.stderr.splitlines()[0]
+
+
+@pytest.mark.root
+def test_a_set_user_id_program_is_named_and_indeed_loses_ld_preload(tmp_path):
+    """Root: a copy of printenv owned by nobody, set-user-ID; the loader drops
+    LD_PRELOAD from its environment, which a plain copy keeps."""
+    plain = tmp_path / "printenv"
+    shutil.copy(shutil.which("printenv"), plain)
+    setuid = tmp_path / "printenv-setuid"
+    shutil.copy(plain, setuid)
+    os.chown(setuid, 65534, 65534)
+    setuid.chmod(0o4755)
+    if os.statvfs(tmp_path).f_flag & os.ST_NOSUID:
+        pytest.skip(f"{tmp_path} is on a nosuid mount")
+    kept = ufcram_run(plain, "LD_PRELOAD")
+    assert kept.returncode == 0 and b"_preload" in kept.stdout
+    assert "unmanaged" not in kept.stderr
+    dropped = ufcram_run(setuid, "LD_PRELOAD")
+    assert (dropped.returncode, dropped.stdout) == (1, b"")   # printenv: not set
+    assert dropped.stderr.startswith(f"ufcram run: {setuid} is set-user-ID: the loader "
+                                     "ignores LD_PRELOAD for it; it runs unmanaged"), \
+        dropped.stderr
 
 
 # --- the launcher observes its node --------------------------------------------------------
