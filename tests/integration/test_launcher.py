@@ -1,13 +1,16 @@
 """The launcher of `ufcram run` around its program: the programs the preload library cannot
-enter (named, or refused with --strict), and the launcher only observing its node (never a
-client).
+enter (named, or refused with --strict), the launcher only observing its node (never a
+client), and signals (passed on once, the private node's directory gone on every exit).
 Each run gets a private TMPDIR, so that its `ufcram-run-*` directory can be looked for."""
+import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -210,3 +213,120 @@ def test_the_launcher_on_a_shared_node_is_no_client(tmp_path, shared_node):
         assert status == 0, err
     after = stat_json(shared_node)
     assert (after["clients"], after["departed"]["clients"]) == (0, 1)
+
+
+# --- signals --------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=lambda s: s.name)
+def test_a_signal_to_ufcram_run_goes_to_the_program(tmp_path, sig):
+    with Launch(tmp_path, ["sleep", "30"]) as launch:
+        launch.program("sleep")
+        assert len(run_dirs(tmp_path)) == 1
+        launch.proc.send_signal(sig)
+        status, _, err = launch.finish()
+    assert status == 128 + sig, err
+    assert f"sleep was killed by signal {int(sig)} ({sig.name})" in err
+    assert run_dirs(tmp_path) == []
+
+
+def test_sigterm_while_the_node_starts_leaves_nothing_behind(tmp_path):
+    """Sent as soon as the private directory exists: the node is starting, the program
+    is not running yet (or only just)."""
+    with Launch(tmp_path, ["sleep", "30"]) as launch:
+        wait_for(lambda: run_dirs(tmp_path), "the private node's directory", timeout=30)
+        launch.proc.terminate()
+        status, _, err = launch.finish()
+    assert status == 128 + signal.SIGTERM, err
+    assert run_dirs(tmp_path) == []
+
+
+TRAPS_TERM = """import signal, sys, time
+def leave(signum, frame):
+    print("caught", signal.Signals(signum).name, flush=True)
+    sys.exit(7)
+signal.signal(signal.SIGTERM, leave)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_program_that_traps_sigterm_decides_the_status(tmp_path):
+    with Launch(tmp_path, [sys.executable, "-c", TRAPS_TERM]) as launch:
+        assert launch.proc.stdout.readline() == b"ready\n"
+        launch.proc.terminate()
+        status, out, err = launch.finish()
+    assert (status, out) == (7, "caught SIGTERM\n"), err
+    assert run_dirs(tmp_path) == []
+
+
+def test_a_missing_program_leaves_no_directory(tmp_path):
+    with Launch(tmp_path, [tmp_path / "no-such-program"]) as launch:
+        status, _, err = launch.finish()
+    assert status == 1 and "cannot run" in err
+    assert run_dirs(tmp_path) == []
+
+
+# the si_code of each SIGINT the program gets: 128 (SI_KERNEL) from the terminal, 0
+# (SI_USER) from a kill; in its own process group only what ufcram run passes on reaches it
+SIGINTS = """import os, signal, sys
+if sys.argv[1] == "own-group":
+    os.setpgid(0, 0)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+print("ready", flush=True)
+got = []
+while (info := signal.sigtimedwait([signal.SIGINT], 1 if got else 5)) is not None:
+    got.append(info.si_code)
+print("sigint", got, flush=True)
+"""
+
+
+def read_until(fd, text, timeout=30):
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {text!r} from the terminal; it showed {seen!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:   # EIO: the other side has closed
+                break
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.parametrize("group, expected", [("same-group", [128]), ("own-group", [])])
+def test_ctrl_c_at_a_terminal_is_not_passed_on(tmp_path, group, expected):
+    """The terminal sends SIGINT to the whole foreground process group, the program
+    included: ufcram run must not pass on its copy as well (in the program's own process
+    group, nothing at all reaches it)."""
+    master, slave = os.openpty()
+
+    def take_the_terminal():   # a session of its own, with the pty as its terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        with Launch(tmp_path, [sys.executable, "-c", SIGINTS, group], stdin=slave,
+                    stdout=slave, stderr=slave, start_new_session=False,
+                    preexec_fn=take_the_terminal) as launch:
+            os.close(slave)
+            read_until(master, "ready")
+            os.write(master, b"\x03")   # Ctrl-C
+            shown = read_until(master, "exited with status")
+            assert launch.proc.wait(timeout=30) == 0, shown
+    finally:
+        os.close(master)
+    assert f"sigint {expected}" in shown, shown
+
+
+def sig_lines(done):
+    return {k: int(v, 16) for k, v in (line.split(":") for line in done.stdout.decode().splitlines())}
+
+
+def test_the_program_gets_the_mask_and_dispositions_we_got():
+    """Not our blocked signals, nor the ones Python or we ignore (SIGPIPE, SIGXFSZ,
+    SIGINT, SIGQUIT). Signals 32 and 33 are glibc's own: posix_spawn ignores them."""
+    show = ["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]   # not a shell: it resets them
+    plain, under = sig_lines(run(show)), sig_lines(ufcram_run(*show))
+    assert under["SigBlk"] == plain["SigBlk"]
+    assert under["SigIgn"] & 0x7FFFFFFF == plain["SigIgn"] & 0x7FFFFFFF, (plain, under)
