@@ -55,6 +55,9 @@ def add_run(sub):
     run.add_argument("--node", metavar="PATH", default=os.environ.get("UFCRAM_NODE") or None,
                      help="join the running node at PATH instead of starting one "
                      "(UFCRAM_NODE)")
+    run.add_argument("--strict", action="store_true",
+                     help="refuse (status 2) a program the preload library cannot enter: "
+                     "statically linked, set-user-ID or set-group-ID")
     run.add_argument("--quiet", action="store_true", help="no summary")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the program and its arguments")
     run.set_defaults(func=cmd_run)

@@ -1,5 +1,6 @@
-"""The application's link to a node: its userfaultfd, its agent thread, the staging
-buffer they share with the handler, and request/reply over the control socket.
+"""The links to a node: request/reply over its control socket (Channel, all an observer
+needs), and the application's memory link (Connection: its userfaultfd, agent thread and
+the staging buffer they share with the handler, announced by HELLO).
 """
 import atexit
 import mmap
@@ -32,42 +33,18 @@ def _close_at_exit():
             conn.close()
 
 
-class Connection:
+class Channel:
+    """Request/reply with a node over a connected control socket. Alone it observes:
+    a node answers STATS of the NODE before any HELLO, so no uffd or agent is needed."""
+
     def __init__(self, sock, describe_handler=lambda: "the ufcram handler"):
         self.sock = sock
         self.pid = os.getpid()
         self.describe_handler = describe_handler
         self.lock = threading.Lock()
         self.seq = 0
-        # the socket hung up: the handler is gone (or let us go), and the agent thread
-        # now serves the uffd itself
+        # the socket hung up: the handler is gone (or let us go)
         self.handler_gone = False
-        self.uffd = Uffd.open()
-        self.staging = self._start_agent()
-        _LIVE.add(self)
-
-    def _start_agent(self):
-        size = config.get("UFCRAM_STAGING_PAGES") * PAGE_SIZE
-        if size == 0:
-            raise HandlerError("UFCRAM_STAGING_PAGES must be at least 1")
-        fd = os.memfd_create("ufcram-staging", os.MFD_CLOEXEC)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            os.ftruncate(fd, size)
-            # Kept mapped for the life of the process: the agent thread writes into it
-            # whenever the handler asks, and nothing tells us when it has stopped.
-            staging = mmap.mmap(fd, size)
-            rc = lib.ufc_agent_start(self.uffd.fd, ours.fileno(), address_of(staging), size)
-            if rc < 0:
-                raise HandlerError(f"could not start the agent thread: {os.strerror(-rc)}")
-            ours.detach()   # the agent thread owns and closes its end
-            self.request(P.HELLO, P.pack_request(P.HELLO, size, 0),
-                         fds=[self.uffd.fd, theirs.fileno(), fd])
-            return staging
-        finally:
-            os.close(fd)
-            theirs.close()
-            ours.close()
 
     def request(self, op, payload=b"", fds=()):
         """Send one request and return its reply payload; HandlerError on refusal."""
@@ -106,6 +83,45 @@ class Connection:
         return P.COUNT.unpack(self.call(op, *fields))[0]
 
     def close(self, keep_uffd=False):
+        """Close the socket (keep_uffd is Connection's: a Channel holds no uffd)."""
+        self.sock.close()
+
+
+class Connection(Channel):
+    """The application's memory link: a Channel that has said HELLO with its uffd, the
+    agent thread's socket and the staging buffer."""
+
+    def __init__(self, sock, describe_handler=lambda: "the ufcram handler"):
+        super().__init__(sock, describe_handler)
+        # once the socket hangs up (handler_gone), the agent thread serves the uffd itself
+        self.uffd = Uffd.open()
+        self.staging = self._start_agent()
+        _LIVE.add(self)
+
+    def _start_agent(self):
+        size = config.get("UFCRAM_STAGING_PAGES") * PAGE_SIZE
+        if size == 0:
+            raise HandlerError("UFCRAM_STAGING_PAGES must be at least 1")
+        fd = os.memfd_create("ufcram-staging", os.MFD_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            os.ftruncate(fd, size)
+            # Kept mapped for the life of the process: the agent thread writes into it
+            # whenever the handler asks, and nothing tells us when it has stopped.
+            staging = mmap.mmap(fd, size)
+            rc = lib.ufc_agent_start(self.uffd.fd, ours.fileno(), address_of(staging), size)
+            if rc < 0:
+                raise HandlerError(f"could not start the agent thread: {os.strerror(-rc)}")
+            ours.detach()   # the agent thread owns and closes its end
+            self.request(P.HELLO, P.pack_request(P.HELLO, size, 0),
+                         fds=[self.uffd.fd, theirs.fileno(), fd])
+            return staging
+        finally:
+            os.close(fd)
+            theirs.close()
+            ours.close()
+
+    def close(self, keep_uffd=False):
         _LIVE.discard(self)
         # The uffd before the socket: the agent thread holds the uffd too, and when the
         # handler hangs up it takes over serving it unless this descriptor is closed.
@@ -113,4 +129,4 @@ class Connection:
             _KEPT.append(self.uffd)
         else:
             self.uffd.close()
-        self.sock.close()
+        super().close()

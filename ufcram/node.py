@@ -11,7 +11,7 @@ import time
 import weakref
 
 from . import protocol as P
-from .connection import Connection
+from .connection import Channel, Connection
 from .errors import HandlerError
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,9 +21,11 @@ class Node:
     _default = None
     _default_lock = threading.Lock()
 
-    def __init__(self, capacity=None, path=None):
+    def __init__(self, capacity=None, path=None, observe=False):
         """Start a node: a handler process with a pool of `capacity` bytes. With `path`,
-        other processes of the same user can join it with Node.connect(path)."""
+        other processes of the same user can join it with Node.connect(path). With
+        observe, this process only reads its stats (no uffd, agent or regions here); the
+        handler still serves until this process and every client have gone."""
         if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
             raise HandlerError(f"node capacity must be a non-negative int, got {capacity!r}")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -42,15 +44,16 @@ class Node:
         theirs.close()
         self.regions = weakref.WeakSet()
         try:
-            self.connection = Connection(ours, self._describe)
+            self.connection = (Channel if observe else Connection)(ours, self._describe)
         except BaseException:
             ours.close()
             self._reap()
             raise
 
     @classmethod
-    def connect(cls, path, timeout=10.0):
-        """Join a running node that listens on `path` (started by Node(path=...))."""
+    def connect(cls, path, timeout=10.0, observe=False):
+        """Join a running node that listens on `path` (started by Node(path=...)); with
+        observe, only to read its stats, as `ufcram stat` does."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         deadline = time.monotonic() + timeout
         while True:
@@ -65,7 +68,12 @@ class Node:
         node = cls.__new__(cls)
         node.process = None
         node.regions = weakref.WeakSet()
-        node.connection = Connection(sock, lambda: f"the ufcram node at {path}")
+        link = Channel if observe else Connection
+        try:
+            node.connection = link(sock, lambda: f"the ufcram node at {path}")
+        except BaseException:
+            sock.close()
+            raise
         return node
 
     @classmethod
@@ -79,6 +87,11 @@ class Node:
     @property
     def closed(self):
         return self.connection is None
+
+    @property
+    def observer(self):
+        """This process only reads the node's stats: it can hold no region."""
+        return not isinstance(self.connection, Connection)
 
     @property
     def pid(self):

@@ -58,6 +58,9 @@ class Region:
         self.node = node if node is not None else Node.default()
         if self.node.closed:
             raise RegionClosedError("the node is closed")
+        if self.node.observer:
+            raise RegionError("this process only observes the node (observe=True): it "
+                              "cannot hold a region there")
         self._mm = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         # huge pages would defeat page-granular demotion
         self._mm.madvise(mmap.MADV_NOHUGEPAGE)

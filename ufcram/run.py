@@ -1,6 +1,7 @@
 """`ufcram run`: an unmodified program on compressed memory, through the preload library
 and a node (its own, or a running one), then a one-screen summary of what the node did.
 """
+import contextlib
 import importlib.util
 import os
 import re
@@ -11,10 +12,12 @@ import threading
 import time
 
 from .errors import UfcramError
-from .node import Node
+from .reach import unreachable
 
 PAGE = 4096
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# passed on to the program when a process sends them to `ufcram run` (forward_until_exit)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def size(text):
@@ -77,6 +80,12 @@ class Sampler(threading.Thread):
                 return
             self.peak["rss"] = max(self.peak["rss"], high_water_rss(self.pid))
 
+    def finish(self):
+        """Stop sampling (again: harmless)."""
+        self.stop.set()
+        if self.is_alive():
+            self.join()
+
     def sample(self, s):
         held = s["demoted_pages"]
         peak = self.peak
@@ -136,46 +145,106 @@ def departed_since(node, before, timeout=5.0):
     return {k: v - before["departed"][k] for k, v in now["departed"].items()}
 
 
-def start_node(args):
-    """The node the program joins: a running one (--node), or a private one whose
-    socket lives in a private directory for the length of the run."""
+def start_node(args, stack):
+    """The node the program joins, observed from here (no client of it): a running one
+    (--node), or a private one whose socket lives in a private directory for the length
+    of the run. Its closing, and the directory's removal, are pushed onto `stack`."""
+    # Imported only now, with the terminating signals blocked (main): numpy starts
+    # threads when imported (OpenBLAS), they inherit the mask then, and one that did not
+    # block them would take those signals whenever main is not in sigtimedwait.
+    from .node import Node
     if args.node:
-        return Node.connect(args.node), args.node, None
-    tmp = tempfile.TemporaryDirectory(prefix="ufcram-run-")
-    path = os.path.join(tmp.name, "node.sock")
-    return Node(capacity=args.capacity, path=path), path, tmp
+        node, path = Node.connect(args.node, observe=True), args.node
+    else:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ufcram-run-"))
+        path = os.path.join(tmp, "node.sock")
+        node = Node(capacity=args.capacity, path=path, observe=True)
+    stack.callback(node.close)
+    return node, path
+
+
+def check_reach(argv0, strict):
+    """None if the program may run, else the exit status: one line on stderr for a
+    program the preload library cannot enter; with --strict it is not run."""
+    why = unreachable(argv0)
+    if why is None:
+        return None
+    if strict:
+        print(f"ufcram run: {why}; not run (--strict)", file=sys.stderr)
+        return 2
+    print(f"ufcram run: {why}; it runs unmanaged, on plain memory", file=sys.stderr)
+    return None
+
+
+def forward_until_exit(pid, signals):
+    """Wait for the program, passing on to it those of `signals` that a process sent us
+    (kill, sigqueue: si_code <= 0). The kernel's, such as a terminal's Ctrl-C, went to
+    the whole foreground process group, the program included: passing them on would
+    deliver them twice. The signals (and SIGCHLD) are blocked: sigtimedwait takes them."""
+    wanted = [*signals, signal.SIGCHLD]
+    while True:
+        info = signal.sigtimedwait(wanted, 1.0)   # the timeout: in case a SIGCHLD is lost
+        if info is not None and info.si_signo != signal.SIGCHLD and info.si_code <= 0:
+            os.kill(pid, info.si_signo)   # not reaped yet: the pid is still the program's
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
 
 
 def main(args):
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not argv:
         raise UfcramError("ufcram run: no program given (ufcram run [options] -- cmd args...)")
-    node, path, tmp = start_node(args)
-    try:
+    refused = check_reach(argv[0], args.strict)
+    if refused is not None:
+        return refused
+    # From here to the end, the terminating signals are blocked and taken only by
+    # sigtimedwait: whenever one comes, the cleanup on the way out (the node, its private
+    # directory) still runs. The node's handler, started next, inherits the mask: a
+    # SIGHUP or SIGTERM sent to the whole process group (a hung-up terminal, a service
+    # manager) leaves the program's memory served while the program acts on it, and the
+    # handler leaves with its last client, as it does on SIGINT. Ignored ones stay
+    # ignored, for the program too (nohup).
+    caught = [s for s in FORWARDED if signal.getsignal(s) != signal.SIG_IGN]
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [*caught, signal.SIGCHLD])
+    with contextlib.ExitStack() as stack:
+        stack.callback(restore_signals, caught, mask)   # last, after the cleanup
+        node, path = start_node(args, stack)
         env = program_environment(args, path)
         before = node.stats()
+        early = signal.sigtimedwait(caught, 0)
+        if early is not None:   # asked to stop before the program started: it does not
+            return 128 + early.si_signo
         sampler = Sampler(node)
         sampler.start()
+        stack.callback(sampler.finish)   # before the node closes
+        # like time(1): quitting at the terminal is the program's to act on (SIGQUIT is
+        # not passed on: the terminal sends it to the program too)
+        quit_was = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+        stack.callback(signal.signal, signal.SIGQUIT, quit_was)
+        # the program gets our mask and dispositions as we got them: Python ignores
+        # SIGPIPE and SIGXFSZ (subprocess restores them likewise), we ignore SIGQUIT
+        defaults = [signal.SIGPIPE, signal.SIGXFSZ]
+        if quit_was != signal.SIG_IGN:
+            defaults.append(signal.SIGQUIT)
         started = time.monotonic()
-        # like time(1): a Ctrl-C or quit at the terminal is the program's to act on
-        old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)]
         try:
-            pid = sampler.pid = os.posix_spawnp(argv[0], argv, env)
+            pid = sampler.pid = os.posix_spawnp(argv[0], argv, env, setsigmask=mask,
+                                                setsigdef=defaults)
         except OSError as e:
             raise UfcramError(f"ufcram run: cannot run {argv[0]}: {e.strerror}") from None
-        try:
-            _, status = os.waitpid(pid, 0)
-        finally:
-            for s, handler in zip((signal.SIGINT, signal.SIGQUIT), old):
-                signal.signal(s, handler)
+        status = forward_until_exit(pid, caught)
         seconds = time.monotonic() - started
-        sampler.stop.set()
-        sampler.join()
+        sampler.finish()
         gone = departed_since(node, before)
         if not args.quiet:
             print(summary(argv, status, seconds, gone, sampler.peak), file=sys.stderr)
-    finally:
-        node.close()
-        if tmp is not None:
-            tmp.cleanup()
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def restore_signals(caught, mask):
+    """Drop the signals that came after the program ended (it is gone; we are leaving
+    anyway), then unblock."""
+    while signal.sigtimedwait(caught, 0) is not None:
+        pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -187,3 +187,16 @@ def test_an_observer_sees_the_node_and_nothing_else(shared):
     region.close()
     node.close()
     assert node.process.returncode == 0                # it left by itself, not killed
+
+
+def test_a_node_started_to_observe_has_no_client_and_serves_until_closed():
+    """Node(observe=True), as `ufcram run` starts its private node: the handler serves
+    its stats (and whoever joins) while this process observes, and leaves when it closes."""
+    with ufcram.Node(capacity=MiB, observe=True) as node:
+        stats = node.stats()
+        assert (stats["clients"], stats["per_client"], stats["departed"]["clients"]) == (0, [], 0)
+        with pytest.raises(ufcram.RegionError, match="only observes"):
+            Region(PAGE_SIZE, node=node)
+        time.sleep(0.2)
+        assert node.process.poll() is None and node.stats(summary=True)["clients"] == 0
+    assert node.process.returncode == 0
