@@ -77,7 +77,10 @@ def on_remap(client, old, new, length):
         table = region.table
         pages = pages_within(table, old, old + length)
         if len(pages) == table.npages:
-            client.relocate(region.id, table.copy(base=new + table.base - old))
+            # the same table, rebased: a demotion of it in flight (waiting on the agent
+            # while we read this event) settles its pages at their new address
+            table.base = new + table.base - old
+            client.relocate(region.id, table)
             continue
         moved = PageTable(new + table.address_of(pages[0]) - old, len(pages))
         moved.state[:], moved.entry[:] = table.state[pages], table.entry[pages]

@@ -376,8 +376,16 @@ class Pager:
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
             self.put_back(client, table, pages, before, rows, keep=~freed)
-            for addr, length in spans.tolist():
-                self.despite_events(client, client.uffd.writeprotect, addr, length, False)
+            at = 0
+            for (addr, length), count in zip(spans.tolist(), runs[:, 1].tolist()):
+                try:
+                    self.despite_events(client, client.uffd.writeprotect, addr, length,
+                                        False)
+                except UffdError as e:
+                    if e.errno != errno.ENOENT or staged:
+                        raise
+                    self.forget(region, pages[at:at + count])
+                at += count
             self.resolve_deferred()
             raise UffdError(-status, f"agent could not demote: {os.strerror(-status)}")
         staged = client.staging_pages[:len(pages)]
@@ -406,6 +414,15 @@ class Pager:
         region.counters["demotions"] += demoted
         self.resolve_deferred()
         return demoted
+
+    def forget(self, region, pages):
+        """Pages that are not registered with the client's uffd (the agent could not
+        protect them: ENOENT): a mapping unmapped and mapped anew between the preload
+        library's look and the handler's, or left by an event we never got. Not ours
+        to demote; they leave the books as untouched, and the mapping now there is
+        covered when the library registers it."""
+        region.counters["reaped"] += self.release(region.table, pages)
+        region.table.set(pages, UNTOUCHED)
 
     def settle_forks(self, client, region, pages, copied, absent=None):
         """Children forked while pages were in flight copied them as DEMOTING, a state
