@@ -31,10 +31,15 @@
 
 static struct {
 	int ready;          /* joined: the scanner runs */
-	pid_t pid;          /* of the process that joined: a forked child has none of it */
+	pid_t pid;          /* of the process that joined: a forked child re-joins */
 	int kick;           /* eventfd: the program mapped memory, scan now */
 	uint64_t threshold;
 	uint64_t resident_limit;
+	uint64_t group;     /* the process tree the resident limit holds for */
+	int64_t write_budget;
+	uint64_t staging_pages;
+	int user_mode_only;
+	char path[108];     /* the node's socket (sun_path's size) */
 	struct ufc_link link;
 	struct coverage coverage;
 } pl = { .kick = -1, .threshold = 1 << 20 };
@@ -114,8 +119,49 @@ static int scan(void)
 	return 0;
 }
 
+static void set_limits(void)
+{
+	char why[256];
+	struct __attribute__((packed)) {
+		uint64_t limit, group;
+	} limits = { pl.resident_limit, pl.group };
+	if (ufc_link_request(&pl.link, UFC_PROTO_LIMITS, &limits, sizeof(limits), NULL, why,
+			     sizeof(why)))
+		debug("ufcram: resident limit not set: %s\n", why);
+}
+
+/* Join the node and manage what is mapped already: 0, or -1 to stay plain. */
+static int join(void)
+{
+	char why[256];
+	own_stacks = 1;
+	if (ufc_link_open(&pl.link, pl.path, pl.staging_pages, pl.user_mode_only, why,
+			  sizeof(why))) {
+		debug("ufcram: cannot join the node (%s); this program runs on plain memory\n",
+		      why);
+		return -1;
+	}
+	if (pl.resident_limit != NO_LIMIT)
+		set_limits();
+	coverage_init(&pl.coverage, &pl.link, pl.threshold, pl.write_budget, debug_on());
+	pl.kick = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (pl.kick < 0 || scan())
+		return -1;
+	pl.pid = getpid();
+	__atomic_store_n(&pl.ready, 1, __ATOMIC_RELEASE);
+	return 0;
+}
+
+/* With arg set, in a forked child: join first, once the child has had the time to exec
+ * (most forks of a shell or a spawner do, and an exec'd program joins on its own). */
 static void *scanner_main(void *arg)
 {
+	if (arg) {
+		struct timespec wait = { 0, 2 * POLL_MS * 1000000L };
+		nanosleep(&wait, NULL);
+		if (join())
+			return NULL;
+	}
 	uint64_t last_rss = anon_resident(), last_scan = now_ms();
 	for (;;) {
 		struct pollfd kicked = { pl.kick, POLLIN, 0 };
@@ -134,47 +180,47 @@ static void *scanner_main(void *arg)
 	}
 }
 
-static void set_limits(void)
+/* A forked child: its memory so far is registered with the uffd the kernel made for it
+ * at the fork, which the node serves (it reads the fork event). What it maps from now
+ * on is its own: it joins as a client of its own, in the same tree (the group), with
+ * its own uffd, agent and scanner. The parent's link, scanner and kick are not its. */
+static void after_fork_in_child(void)
 {
-	char why[256];
-	uint64_t limit = pl.resident_limit;
-	if (ufc_link_request(&pl.link, UFC_PROTO_LIMITS, &limit, sizeof(limit), NULL, why,
-			     sizeof(why)))
-		debug("ufcram: resident limit not set: %s\n", why);
+	if (!__atomic_load_n(&pl.ready, __ATOMIC_ACQUIRE))
+		return;
+	pl.ready = 0;
+	close(pl.link.sock);
+	close(pl.kick);
+	pl.kick = -1;
+	pthread_t scanner;
+	if (own_thread(&scanner, scanner_main, (void *)1, 1))
+		debug("ufcram: a forked child could not join; what it maps stays plain\n");
 }
 
-/* Join the node named by UFCRAM_NODE and manage what is mapped already, or stay plain. */
-static void join_node(void)
+/* Settings from the environment, once, before main: a forked child re-joins with them
+ * (the program may change its environment meanwhile). 0 if there is a node to join. */
+static int read_settings(void)
 {
+	pl.threshold = env_u64("UFCRAM_THRESHOLD", 1 << 20);
 	const char *path = getenv("UFCRAM_NODE");
 	if (!path || !*path) {
 		debug("ufcram: UFCRAM_NODE is not set; this program runs on plain memory\n");
-		return;
+		return -1;
 	}
+	if (strlen(path) >= sizeof(pl.path)) {
+		debug("ufcram: UFCRAM_NODE is too long a path; this program runs on plain memory\n");
+		return -1;
+	}
+	strcpy(pl.path, path);
 	pl.resident_limit = env_u64("UFCRAM_RESIDENT_LIMIT", NO_LIMIT);
+	pl.group = env_u64("UFCRAM_GROUP", (uint64_t)getpid());
 	const char *budget = getenv("UFCRAM_WRITE_BUDGET");
-	int64_t write_budget = !budget || !*budget || !strcmp(budget, "auto")
-				       ? AUTO_BUDGET
-				       : (int64_t)env_u64("UFCRAM_WRITE_BUDGET", 0);
-	char why[256];
-	own_stacks = 1;
-	if (ufc_link_open(&pl.link, path, env_u64("UFCRAM_STAGING_PAGES", 256),
-			  (int)env_u64("UFCRAM_USER_MODE_ONLY", 0), why, sizeof(why))) {
-		debug("ufcram: cannot join the node (%s); this program runs on plain memory\n",
-		      why);
-		return;
-	}
-	if (pl.resident_limit != NO_LIMIT)
-		set_limits();
-	coverage_init(&pl.coverage, &pl.link, pl.threshold, write_budget, debug_on());
-	pl.kick = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	pthread_t scanner;
-	if (scan() || pl.kick < 0 || own_thread(&scanner, scanner_main, NULL, 1)) {
-		debug("ufcram: no scanner thread; only the memory mapped at start is managed\n");
-		return;
-	}
-	pl.pid = getpid();
-	__atomic_store_n(&pl.ready, 1, __ATOMIC_RELEASE);
+	pl.write_budget = !budget || !*budget || !strcmp(budget, "auto")
+				  ? AUTO_BUDGET
+				  : (int64_t)env_u64("UFCRAM_WRITE_BUDGET", 0);
+	pl.staging_pages = env_u64("UFCRAM_STAGING_PAGES", 256);
+	pl.user_mode_only = (int)env_u64("UFCRAM_USER_MODE_ONLY", 0);
+	return 0;
 }
 
 /* Before main, so that the heap and the arenas of any allocator are there to register
@@ -182,8 +228,14 @@ static void join_node(void)
  * is found by the first scan like the rest.) */
 __attribute__((constructor)) static void start(void)
 {
-	pl.threshold = env_u64("UFCRAM_THRESHOLD", 1 << 20);
-	join_node();
+	if (read_settings() || join())
+		return;
+	pthread_t scanner;
+	if (own_thread(&scanner, scanner_main, NULL, 1)) {
+		debug("ufcram: no scanner thread; only the memory mapped at start is managed\n");
+		return;
+	}
+	pthread_atfork(NULL, NULL, after_fork_in_child);
 }
 
 /* --- triggers ------------------------------------------------------------------------

@@ -16,7 +16,8 @@
 #define UFC_PROTO_DEMOTE 4       /* region id, offset, length -> pages demoted */
 #define UFC_PROTO_STATS 5        /* region id (or NODE) -> JSON */
 #define UFC_PROTO_SET_CAPACITY 6 /* node capacity in bytes */
-#define UFC_PROTO_LIMITS 7       /* the client's resident limit over all its regions */
+#define UFC_PROTO_LIMITS 7       /* resident limit over the regions of the client's group
+                                    (a process tree), and the group (0: the client) */
 #define UFC_PROTO_PING 8         /* is the handler there and reading? (no payload) */
 /* HELLO's flags */
 #define UFC_PROTO_HELLO_COVERS 1 /* the client manages all its mappings (the preload

@@ -86,6 +86,7 @@ class Client:
         self.covers_mappings = False   # HELLO's flag (the preload library)
         self.default_budget = "auto"   # of its regions, for those the handler adds
         self.limit = ResidentLimit(None)   # over all regions (LIMITS), besides each one's
+        self.group = None                  # clients whose regions the limit holds over
         self.retired = dict.fromkeys(COUNTERS, 0)   # counters of the regions it released
         # the agent's own drops in flight: where the next REMOVE of each span starts ->
         # where the span ends (the kernel sends one event per VMA the span crosses)
@@ -266,6 +267,7 @@ class Client:
         parent, as the child's memory is a copy), served through the child's uffd. The
         child has no agent, so its pages are never demoted and its writes promote."""
         child = Client(None, Uffd(uffd_fd, self.uffd.features), parent=self)
+        child.limit, child.group = self.limit, self.group   # the same process tree
         for rid, region in self.regions.items():
             mirror = child.regions[rid] = ManagedRegion(rid, region.table.copy())
             # pages freed in flight before the fork are freed in the child too: the

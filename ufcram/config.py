@@ -66,13 +66,16 @@ SETTINGS = {s.name: s for s in (
             "socket of a running node (`ufcram node`) that `ufcram run` and the preload "
             "library join; `ufcram run` starts a private node when it is unset"),
     Setting("UFCRAM_THRESHOLD", "bytes", 1048576,
-            "preload library: allocations and private anonymous mappings larger than "
-            "this go to the node; smaller ones stay libc's"),
+            "preload library: smallest private anonymous mapping it hands to the node"),
     Setting("UFCRAM_RESIDENT_LIMIT", "bytes", "none",
-            "preload library: resident limit over all of a program's managed memory; "
-            "past it the node demotes the coldest pages of its largest allocations first"),
+            "preload library: resident limit over the managed memory of the program's "
+            "whole process tree; past it the node demotes the coldest pages of the "
+            "largest mappings first"),
     Setting("UFCRAM_WRITE_BUDGET", "pages or auto", "auto",
-            "preload library: write budget of each managed allocation"),
+            "preload library: write budget of each managed mapping"),
+    Setting("UFCRAM_GROUP", "number", "the pid",
+            "preload library: the process tree the resident limit holds for; `ufcram "
+            "run` gives each run its own, and children keep their parent's"),
 )}
 
 

@@ -144,7 +144,11 @@ class Handler:
                 region = client.regions.get(rid)
                 if region is not None and client.ready:
                     self.guarded(client, self.pager.enforce_limit, client, region)
-            for client in {c for c, _ in touched if c.limit.pages is not None and c.ready}:
+            limited = {}   # one client per group: the limit is the group's
+            for client, _ in touched:
+                if client.limit.pages is not None and client.ready:
+                    limited.setdefault(client.group or id(client), client)
+            for client in limited.values():
                 self.guarded(client, self.pager.enforce_client_limit, client)
         try:
             if self.overflow.closed:
@@ -295,10 +299,12 @@ class Handler:
     def ping(self, client, fds):
         return b""
 
-    def limits(self, client, fds, resident_limit):
-        """A resident limit over all the client's regions: what `ufcram run` sets for a
-        program whose allocations each become a region of their own."""
+    def limits(self, client, fds, resident_limit, group):
+        """A resident limit over all the regions of the client's group (0: the client
+        alone): what `ufcram run` sets for a process tree, each process of which joins
+        with the same group."""
         client.limit = ResidentLimit(None if resident_limit == P.NO_LIMIT else resident_limit)
+        client.group = group or None
         return b""
 
     def demote_range(self, client, fds, rid, offset, length):

@@ -543,17 +543,25 @@ class Pager:
         return self.demote(client, region, self.coldest(region, excess))
 
     def enforce_client_limit(self, client):
-        """Past the client's own resident limit, demote the coldest pages of its largest
-        regions first."""
-        regions = sorted(client.regions.values(), key=lambda r: -r.table.resident)
+        """Past the resident limit of the client's group (a process tree, which `ufcram
+        run` limits as a cgroup's memory.max does), demote the coldest pages of the
+        group's largest regions first. A client without a group is one of its own. The
+        regions of a client without an agent (a forked child's inherited memory) count,
+        but only the others can be demoted."""
+        members = [client] if client.group is None else [
+            c for c in self.clients.values() if c.group == client.group and c.ready]
+        held = sorted(((c, r) for c in members for r in c.regions.values()),
+                      key=lambda held: -held[1].table.resident)
         excess = client.limit.excess(sum(
-            int(r.table.resident - r.table.tally[DEMOTING]) for r in regions))
-        for region in regions:
-            if excess <= 0 or client.agent is None:
+            int(r.table.resident - r.table.tally[DEMOTING]) for _, r in held))
+        for owner, region in held:
+            if excess <= 0:
                 break
+            if owner.agent is None or not owner.ready or region.id not in owner.regions:
+                continue   # (a demotion before this one may have dropped or cut it)
             chosen = self.coldest(region, excess)
             excess -= len(chosen)
-            self.demote(client, region, chosen)
+            self.demote(owner, region, chosen)
 
     @staticmethod
     def coldest(region, n):

@@ -25,7 +25,7 @@ UNREGISTER = lib.UFC_PROTO_UNREGISTER      # region id, restore flag -> pages re
 DEMOTE = lib.UFC_PROTO_DEMOTE              # region id, offset, length -> pages demoted
 STATS = lib.UFC_PROTO_STATS                # region id (or NODE[_SUMMARY]) -> JSON
 SET_CAPACITY = lib.UFC_PROTO_SET_CAPACITY  # node capacity in bytes
-LIMITS = lib.UFC_PROTO_LIMITS              # the client's resident limit, all regions
+LIMITS = lib.UFC_PROTO_LIMITS              # resident limit of the client's group
 PING = lib.UFC_PROTO_PING                  # is the handler there? (no payload)
 HELLO_COVERS = lib.UFC_PROTO_HELLO_COVERS  # HELLO flag: the client covers all its mappings
 # replies
@@ -44,7 +44,7 @@ PAYLOADS = {
     DEMOTE: struct.Struct("<IQQ"),
     STATS: struct.Struct("<I"),
     SET_CAPACITY: struct.Struct("<Q"),
-    LIMITS: struct.Struct("<Q"),        # 2**64-1: none
+    LIMITS: struct.Struct("<QQ"),       # limit (2**64-1: none), group (0: none)
     PING: struct.Struct("<"),
 }
 COUNT = struct.Struct("<Q")

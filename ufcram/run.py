@@ -50,6 +50,9 @@ def program_environment(args, node_path):
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, [preload_library(), env.get("LD_PRELOAD")]))
     env["UFCRAM_NODE"] = os.fspath(node_path)
+    # every process of the program's tree joins with this group, which the resident
+    # limit holds for as a whole (as a cgroup's memory.max does)
+    env["UFCRAM_GROUP"] = str(int.from_bytes(os.urandom(8), "little") | 1)
     for name, value in (("UFCRAM_RESIDENT_LIMIT", args.resident_limit),
                         ("UFCRAM_WRITE_BUDGET", args.write_budget),
                         ("UFCRAM_THRESHOLD", args.threshold)):

@@ -74,7 +74,7 @@ def test_fast_path_hands_over_at_the_resident_limit(node, scope):
     limit = 32
     data = text_pages(1024, seed=2)
     if scope == "client":   # what `ufcram run --resident-limit` sets: over all regions
-        n.connection.call(P.LIMITS, limit * PAGE_SIZE)
+        n.connection.call(P.LIMITS, limit * PAGE_SIZE, 0)
     kw = {"resident_limit": limit * PAGE_SIZE} if scope == "region" else {}
     r, a = filled(n, data, write_budget=0, **kw)
     r.demote()
