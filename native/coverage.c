@@ -41,7 +41,7 @@ static void refuse(struct coverage *c, uint64_t start, uint64_t end, const char 
 }
 
 /* Register [start, end) with the uffd, then as a region of the node. */
-static int manage(struct coverage *c, uint64_t start, uint64_t end)
+int coverage_manage(struct coverage *c, uint64_t start, uint64_t end)
 {
 	uint64_t ioctls, rid;
 	char why[256];
@@ -164,7 +164,7 @@ int coverage_scan(struct coverage *c)
 		p = parse_line(p, stop, &m);
 		if (candidate(c, &m, have_prev ? &prev : NULL) &&
 		    !refused_before(c, m.start, m.end) && !registered(c->link->uffd, m.start)) {
-			int rc = manage(c, m.start, m.end);
+			int rc = coverage_manage(c, m.start, m.end);
 			if (rc < 0)
 				return rc;
 			added += rc;

@@ -28,5 +28,8 @@ UFC_HIDDEN int coverage_init(struct coverage *c, struct ufc_link *link, uint64_t
 			     int64_t write_budget, int debug);
 /* Registers every mapping not managed yet: how many, or -errno once the node is gone. */
 UFC_HIDDEN int coverage_scan(struct coverage *c);
+/* Registers one mapping known to be private anonymous memory: 1, 0 (refused: it stays
+ * plain memory) or -errno once the node is gone. */
+UFC_HIDDEN int coverage_manage(struct coverage *c, uint64_t start, uint64_t end);
 
 #endif

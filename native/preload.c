@@ -31,6 +31,8 @@
 
 static struct {
 	int ready;          /* joined: the scanner runs */
+	int tree;           /* the program joined at start: its forked children join too */
+	pid_t joining;      /* a forked child whose scanner is joining right now */
 	pid_t pid;          /* of the process that joined: a forked child re-joins */
 	int kick;           /* eventfd: the program mapped memory, scan now */
 	uint64_t threshold;
@@ -42,7 +44,7 @@ static struct {
 	char path[108];     /* the node's socket (sun_path's size) */
 	struct ufc_link link;
 	struct coverage coverage;
-} pl = { .kick = -1, .threshold = 1 << 20 };
+} pl = { .kick = -1, .threshold = 1 << 20, .resident_limit = NO_LIMIT };
 
 static int debug_on(void)
 {
@@ -152,14 +154,14 @@ static int join(void)
 	return 0;
 }
 
-/* With arg set, in a forked child: join first, once the child has had the time to exec
- * (most forks of a shell or a spawner do, and an exec'd program joins on its own). */
+/* With arg set, in a forked child: join first (an exec ends it, harmlessly: most
+ * forks of a shell or a spawner exec at once, and the exec'd program joins itself). */
 static void *scanner_main(void *arg)
 {
 	if (arg) {
-		struct timespec wait = { 0, 2 * POLL_MS * 1000000L };
-		nanosleep(&wait, NULL);
-		if (join())
+		int failed = join();
+		__atomic_store_n(&pl.joining, 0, __ATOMIC_RELEASE);
+		if (failed)
 			return NULL;
 	}
 	uint64_t last_rss = anon_resident(), last_scan = now_ms();
@@ -186,15 +188,19 @@ static void *scanner_main(void *arg)
  * its own uffd, agent and scanner. The parent's link, scanner and kick are not its. */
 static void after_fork_in_child(void)
 {
-	if (!__atomic_load_n(&pl.ready, __ATOMIC_ACQUIRE))
+	if (!pl.tree)
 		return;
-	pl.ready = 0;
-	close(pl.link.sock);
-	close(pl.kick);
+	if (__atomic_exchange_n(&pl.ready, 0, __ATOMIC_ACQ_REL)) {
+		close(pl.link.sock);
+		close(pl.kick);
+	}   /* else forked while its own parent's join was under way: joins all the same */
 	pl.kick = -1;
+	pl.joining = getpid();
 	pthread_t scanner;
-	if (own_thread(&scanner, scanner_main, (void *)1, 1))
+	if (own_thread(&scanner, scanner_main, (void *)1, 1)) {
+		pl.joining = 0;
 		debug("ufcram: a forked child could not join; what it maps stays plain\n");
+	}
 }
 
 /* Settings from the environment, once, before main: a forked child re-joins with them
@@ -235,27 +241,48 @@ __attribute__((constructor)) static void start(void)
 		debug("ufcram: no scanner thread; only the memory mapped at start is managed\n");
 		return;
 	}
+	pl.tree = 1;
 	pthread_atfork(NULL, NULL, after_fork_in_child);
 }
 
 /* --- triggers ------------------------------------------------------------------------
  * Not needed for coverage (the scanner polls), only to find large mappings before the
- * program fills them. glibc's malloc maps through internal calls that never come here. */
+ * program fills them: a program writes faster (GB/s) than a poll can notice. glibc's
+ * malloc maps through internal calls that never come here; most other allocators and
+ * programs call mmap. */
+static int ours(size_t len, int prot)
+{
+	if (len < pl.threshold || !(prot & PROT_WRITE))
+		return 0;
+	/* a forked child that maps memory at once (a worker) waits for its join, briefly */
+	for (int i = 0; i < 200 && __atomic_load_n(&pl.joining, __ATOMIC_ACQUIRE) == getpid();
+	     i++) {
+		struct timespec ms = { 0, 1000000L };
+		nanosleep(&ms, NULL);
+	}
+	return __atomic_load_n(&pl.ready, __ATOMIC_ACQUIRE) && getpid() == pl.pid;
+}
+
 static void kick(size_t len, int prot)
 {
-	if (len >= pl.threshold && (prot & PROT_WRITE) &&
-	    __atomic_load_n(&pl.ready, __ATOMIC_ACQUIRE) && getpid() == pl.pid) {
+	if (ours(len, prot)) {
 		uint64_t one = 1;
 		(void)!write(pl.kick, &one, sizeof(one));
 	}
 }
 
+/* Private anonymous memory is registered before mmap returns, so not one of its pages
+ * comes in unmanaged. */
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
 	void *p = (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
-	if (p != MAP_FAILED && (flags & (MAP_PRIVATE | MAP_ANONYMOUS)) ==
-			       (MAP_PRIVATE | MAP_ANONYMOUS))
-		kick(len, prot);
+	int plain = (flags & (MAP_SHARED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB |
+			      MAP_GROWSDOWN)) == (MAP_PRIVATE | MAP_ANONYMOUS);
+	if (p != MAP_FAILED && plain && ours(len, prot) &&
+	    coverage_manage(&pl.coverage, (uint64_t)(uintptr_t)p,
+			    (uint64_t)(uintptr_t)p + ((len + UFC_PAGE_SIZE - 1) &
+						      ~(size_t)(UFC_PAGE_SIZE - 1))) < 0)
+		debug("ufcram: the node stopped answering; new memory stays plain\n");
 	return p;
 }
 
@@ -267,5 +294,46 @@ EXPORT int mprotect(void *addr, size_t len, int prot)
 	int rc = (int)syscall(SYS_mprotect, addr, len, prot);
 	if (!rc)
 		kick(len, prot);
+	return rc;
+}
+
+/* --- locking ---------------------------------------------------------------------------
+ * The kernel never swaps locked memory, and the node never demotes it (the handler
+ * leaves alone what it finds locked). Under a resident limit, locking past the limit is
+ * refused with ENOMEM, as a cgroup's memory.max refuses it: a program that adapts
+ * (memtester shrinks its buffer) locks what fits, and the tree stays within its limit.
+ * The count is this process's, of the calls that come here (mlockall is not counted). */
+static uint64_t locked;
+
+static int lock(const void *addr, size_t len, long nr, unsigned flags)
+{
+	if (pl.resident_limit != NO_LIMIT && __atomic_load_n(&pl.ready, __ATOMIC_ACQUIRE) &&
+	    __atomic_load_n(&locked, __ATOMIC_RELAXED) + len > pl.resident_limit) {
+		errno = ENOMEM;
+		return -1;
+	}
+	int rc = (int)(nr == SYS_mlock ? syscall(nr, addr, len) : syscall(nr, addr, len, flags));
+	if (!rc)
+		__atomic_add_fetch(&locked, len, __ATOMIC_RELAXED);
+	return rc;
+}
+
+EXPORT int mlock(const void *addr, size_t len)
+{
+	return lock(addr, len, SYS_mlock, 0);
+}
+
+EXPORT int mlock2(const void *addr, size_t len, unsigned int flags)
+{
+	return lock(addr, len, SYS_mlock2, flags);
+}
+
+EXPORT int munlock(const void *addr, size_t len)
+{
+	int rc = (int)syscall(SYS_munlock, addr, len);
+	if (!rc) {   /* never below zero: unlocking what was never locked is allowed */
+		uint64_t was = __atomic_load_n(&locked, __ATOMIC_RELAXED);
+		__atomic_store_n(&locked, was > len ? was - len : 0, __ATOMIC_RELAXED);
+	}
 	return rc;
 }
