@@ -101,6 +101,11 @@ class Client:
         return self.uffd is not None
 
     @property
+    def group_key(self):
+        """The clients whose resident limit is one: its group's, or its own."""
+        return self.group if self.group is not None else id(self)
+
+    @property
     def agent_tid(self):
         return self.agent.tid if self.agent is not None else -1
 

@@ -106,7 +106,8 @@ class FastPath:
         if views is None or views.generation != client.layout_generation:
             views = self.clients[client] = ClientViews(client, self.regions)
         call = self.call
-        call.client_limit = -1 if client.limit.pages is None else client.limit.pages
+        call.client_limit = -1 if client.limit.pages is None else max(
+            0, client.limit.pages - self.pager.group_others_resident(client))
         call.may_grant = not self.pager.overflow.closed and client.parent is None
         grants = 0
         if call.may_grant and views.auto is not None:

@@ -147,7 +147,7 @@ class Handler:
             limited = {}   # one client per group: the limit is the group's
             for client, _ in touched:
                 if client.limit.pages is not None and client.ready:
-                    limited.setdefault(client.group or id(client), client)
+                    limited.setdefault(client.group_key, client)
             for client in limited.values():
                 self.guarded(client, self.pager.enforce_client_limit, client)
         try:
@@ -178,6 +178,9 @@ class Handler:
         away, where a limit not enforced this turn costs only resident memory."""
         try:
             return fn(*args)
+        except (ConnectionResetError, BrokenPipeError) as e:
+            # the process exited while we demoted: its socket tells us next, no news
+            log.debug("client pid %d: %s", client.pid, e)
         except (UfcramError, OSError) as e:
             self.repeats.warn(client, str(e))
         except Exception as e:

@@ -6,6 +6,8 @@ import errno
 import logging
 import os
 import select
+import time
+import weakref
 
 import numpy as np
 
@@ -27,6 +29,7 @@ DROP_BATCH = 4096   # pages per clean re-demotion command (no staging needed)
 # madvise, its TLB shootdown and a REMOVE round trip (~30 µs); a clean page dropped
 # early costs a read fault only if it is used before its turn would have come.
 DROP_BRIDGE = 2
+OTHERS_TTL = 0.002   # seconds a sum of a group's other clients' resident pages is kept
 
 
 def batches(pages, max_pages, max_runs, keep=None):
@@ -62,6 +65,9 @@ class Pager:
         self.zeros = np.zeros(PAGE_SIZE, np.uint8)
         self.zeros_addr = address_of(self.zeros)
         self.deferred = []              # faults on pages in flight, resolved after it
+        self.enforcing = set()          # groups being demoted to their resident limit
+        self.others = weakref.WeakKeyDictionary()   # client -> (when, its group's others)
+        self.throttled = []             # their faults that would add a page meanwhile
         self.extra_owners = np.zeros(0, np.int32)   # per pool handle, beyond the first
         # writable pages of every region under an auto budget: the budgets share them
         self.auto_writable = SharedTally(WRITABLE)
@@ -74,6 +80,12 @@ class Pager:
         region = None
         try:
             region = client.locate(addr)
+            if self.enforcing and not flags & FLAG_WP and tid != client.agent_tid and \
+                    client.group_key in self.enforcing:
+                # its group is over its resident limit and being demoted: a page more
+                # waits until that is done, as a cgroup reclaims before it charges
+                self.throttled.append((client, addr, flags, tid))
+                return region
             self.resolve(client, region, addr, flags, tid)
         except UffdRetry:
             self.deferred.append((client, addr, flags, tid))
@@ -548,6 +560,32 @@ class Pager:
         group's largest regions first. A client without a group is one of its own. The
         regions of a client without an agent (a forked child's inherited memory) count,
         but only the others can be demoted."""
+        self.enforcing.add(client.group_key)
+        try:
+            self.demote_group_excess(client)
+        finally:
+            self.enforcing.discard(client.group_key)
+            pending, self.throttled = self.throttled, []
+            for fault in pending:
+                if fault[0].ready:
+                    self.fault(*fault)
+
+    def group_others_resident(self, client):
+        """Pages resident in the other clients of client's group: what the fast path
+        leaves out of the group's limit. Summed at most every OTHERS_TTL seconds: it is
+        asked on every drain, and a process tree's regions are many."""
+        if client.group is None:
+            return 0
+        now = time.monotonic()
+        cached = self.others.get(client)
+        if cached is None or now - cached[0] > OTHERS_TTL:
+            total = sum(int(r.table.resident) for c in self.clients.values()
+                        if c.group == client.group and c is not client
+                        for r in c.regions.values())
+            cached = self.others[client] = (now, total)
+        return cached[1]
+
+    def demote_group_excess(self, client):
         members = [client] if client.group is None else [
             c for c in self.clients.values() if c.group == client.group and c.ready]
         held = sorted(((c, r) for c in members for r in c.regions.values()),
