@@ -1,4 +1,5 @@
-/* The allocation calls the preload library intercepts, each checked on its own results.
+/* The allocation calls a program makes, on memory the node manages, each checked on its
+ * own results.
  * usage: allocs realloc|aligned|calloc|mmap|munmap-partial|mremap-grow|split-mapping|
  *               usable-size [--demoted] */
 #include "common.c"
