@@ -77,7 +77,6 @@ class Client:
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         self.uffd = uffd
         self.parent = parent          # for a forked child: the client it was forked from
-        self.joined = None            # ... and the client its process joined with later
         self.agent = None
         self.staging = None
         self.staging_pages = None

@@ -32,18 +32,6 @@ DROP_BRIDGE = 2
 OTHERS_TTL = 0.002   # seconds a sum of a group's other clients' resident pages is kept
 
 
-def thread_group(tid):
-    """The process of thread tid (-1 if it is gone)."""
-    try:
-        with open(f"/proc/{tid}/status") as status:
-            for line in status:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return -1
-
-
 def batches(pages, max_pages, max_runs, keep=None):
     """Split sorted pages into batches of at most max_pages pages and max_runs runs.
     `keep(pages)` (a mask) is asked again as each batch is cut, of the pages left: the
@@ -91,8 +79,6 @@ class Pager:
         would unwind the demotion in flight, perhaps another client's."""
         region = None
         try:
-            if client.pid < 0 and client.parent is not None:
-                client.pid = thread_group(tid)   # a forked child's: see joined_of
             region = client.locate(addr)
             if self.enforcing and not flags & FLAG_WP and tid != client.agent_tid and \
                     client.group_key in self.enforcing:
@@ -335,15 +321,13 @@ class Pager:
     def spans(self, table, runs):
         return np.stack((table.base + runs[:, 0] * PAGE_SIZE, runs[:, 1] * PAGE_SIZE), 1)
 
-    def command_agent(self, client, op, spans, joined=None):
-        """Send one batch to the agent (joined's: the process's own client, for the
-        memory a forked child inherited) and wait for its reply; its drops will raise
-        REMOVE events for exactly these spans, on client's uffd."""
-        joined = joined or client
+    def command_agent(self, client, op, spans):
+        """Send one batch to the agent and wait for its reply; its drops will raise
+        REMOVE events for exactly these spans."""
         client.expected_removes = {a: a + n for a, n in spans.tolist()}
-        joined.agent.send(op, spans)
+        client.agent.send(op, spans)
         try:
-            return self.await_agent(joined)
+            return self.await_agent(client)
         finally:
             client.expected_removes = {}
 
@@ -357,7 +341,7 @@ class Pager:
             region.freed_in_flight[pages] = False
         return freed
 
-    def drop_clean(self, client, region, runs, joined=None):
+    def drop_clean(self, client, region, runs):
         """Drop clean read-only pages; the node keeps their entries. Each span is one
         madvise and one REMOVE event the agent waits on us to read, so spans reach
         across pages already demoted (absent: the drop costs them nothing) and take up
@@ -370,8 +354,7 @@ class Pager:
         pages = pages_of(runs)
         gap = table.state[pages] == DEMOTED
         table.set(pages, DEMOTING)
-        status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs),
-                                       joined)
+        status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
         self.settle_forks(client, region, pages, copied=None, absent=gap)
         freed = self.settle_freed(region, pages)
         table.set(pages[~freed & gap], DEMOTED)
@@ -612,35 +595,11 @@ class Pager:
         for owner, region in held:
             if excess <= 0:
                 break
-            if not owner.ready or region.id not in owner.regions:
+            if owner.agent is None or not owner.ready or region.id not in owner.regions:
                 continue   # (a demotion before this one may have dropped or cut it)
-            if owner.agent is not None:
-                chosen = self.coldest(region, excess)
-                excess -= len(chosen)
-                self.demote(owner, region, chosen)
-            elif self.joined_of(owner) is not None:
-                excess -= self.drop_inherited(owner, region, excess)
-
-    def joined_of(self, child):
-        """For the client of a forked child's inherited memory (it has no agent): the
-        client the same process joined with, whose agent can drop pages there. The
-        child's pid is learnt from its first fault (the fork event does not tell it)."""
-        if child.pid < 0:
-            return None
-        if child.joined is None or not child.joined.ready:
-            child.joined = next((c for c in self.clients.values()
-                                 if c.pid == child.pid and c.agent is not None), None)
-        return child.joined
-
-    def drop_inherited(self, child, region, most):
-        """Up to `most` of the coldest pages a forked child read back from the node (read
-        only, their entry kept): dropped by its own agent, as clean pages are. The rest
-        of what it inherited needs a write-protect on its fork's uffd first: not yet."""
-        table = region.table
-        chosen = self.coldest(region, most)
-        chosen = chosen[table.clean(chosen)]
-        return sum(self.drop_clean(child, region, runs, self.joined_of(child)) for _, runs
-                   in batches(chosen, DROP_BATCH, MAX_RUNS, lambda p: region.table.clean(p)))
+            chosen = self.coldest(region, excess)
+            excess -= len(chosen)
+            self.demote(owner, region, chosen)
 
     @staticmethod
     def coldest(region, n):
