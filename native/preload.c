@@ -241,8 +241,13 @@ __attribute__((constructor)) static void start(void)
 		debug("ufcram: no scanner thread; only the memory mapped at start is managed\n");
 		return;
 	}
-	pl.tree = 1;
-	pthread_atfork(NULL, NULL, after_fork_in_child);
+	/* Off by default: with it, Python's multiprocessing workers were seen to die (the
+	 * pool then waits for their tasks for good); what a child inherits is served all
+	 * the same, and what it maps afterwards stays plain memory. */
+	if (env_u64("UFCRAM_FORK_JOIN", 0)) {
+		pl.tree = 1;
+		pthread_atfork(NULL, NULL, after_fork_in_child);
+	}
 }
 
 /* --- triggers ------------------------------------------------------------------------

@@ -324,8 +324,11 @@ class Pager:
     def command_agent(self, client, op, spans):
         """Send one batch to the agent and wait for its reply; its drops will raise
         REMOVE events for exactly these spans."""
+        try:
+            client.agent.send(op, spans)
+        except OSError as e:   # as a refusal: the caller puts the batch's pages back
+            return -(e.errno or errno.EPIPE), 0
         client.expected_removes = {a: a + n for a, n in spans.tolist()}
-        client.agent.send(op, spans)
         try:
             return self.await_agent(client)
         finally:

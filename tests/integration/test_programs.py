@@ -143,6 +143,15 @@ def redis_session(server_bin, cli, workdir, load, limit):
     return run
 
 
+# Known gaps of issue 14, each failing on its bound alone (results are exact): strict, so
+# that a fix turns them into failures to remove the mark.
+FORKED_CHILDREN = pytest.mark.xfail(strict=True, reason=(
+    "a forked child's memory is not demoted: what it inherited has no agent (redis's "
+    "BGSAVE child reads every value back into itself), and what it maps after the fork "
+    "is plain unless UFCRAM_FORK_JOIN=1, which Python pool workers die with (issue 14)"))
+
+
+@FORKED_CHILDREN
 @pytest.mark.timeout(300)
 def test_redis_under_load_and_a_fork_keeps_its_data_digest(tmp_path, redis_load):
     """Debian's redis-server is linked with jemalloc, which maps and unmaps its own extents
@@ -233,6 +242,7 @@ def stress_differs(plain, managed):
     return "; ".join(differs)
 
 
+@FORKED_CHILDREN
 @pytest.mark.timeout(120)
 def test_stress_ng_vm_workers_verify_their_memory(tmp_path):
     """Two vm workers, each forked (twice: stress-ng runs each in an OOM-able child) and
@@ -329,6 +339,7 @@ POOL = textwrap.dedent("""
 """)
 
 
+@FORKED_CHILDREN
 @pytest.mark.timeout(180)
 def test_python_pool_workers_build_and_checksum_the_same_structures(tmp_path):
     """multiprocessing.Pool forks two workers; each builds, twice, a list of 600k tuples
