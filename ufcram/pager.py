@@ -391,8 +391,9 @@ class Pager:
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
             self.put_back(client, table, pages, before, rows, keep=~freed)
-            at = 0
-            for (addr, length), count in zip(spans.tolist(), runs[:, 1].tolist()):
+            at = 0   # the spans where they are now (put_back read the events)
+            for (addr, length), count in zip(self.spans(table, runs).tolist(),
+                                             runs[:, 1].tolist()):
                 try:
                     self.despite_events(client, client.uffd.writeprotect, addr, length,
                                         False)
@@ -514,9 +515,11 @@ class Pager:
         the batch selected by `keep` return to their state before the demotion."""
         rows = np.asarray(rows, np.int64)
         if len(rows):
-            self.despite_events(client, client.uffd.copy_many,
-                                table.base + pages[rows] * PAGE_SIZE,
-                                client.staging_addr + rows * PAGE_SIZE)
+            # where to, is read at each try: the events read between tries may include
+            # the mremap that moved the region (glibc's realloc does) while it was in
+            # flight, and the old address then is nothing's
+            self.despite_events(client, lambda: client.uffd.copy_many(
+                table.base + pages[rows] * PAGE_SIZE, client.staging_addr + rows * PAGE_SIZE))
         for state in np.unique(before[keep]).tolist():   # plain ints, as every caller's
             table.set(pages[keep & (before == state)], state)
 
