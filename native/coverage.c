@@ -24,22 +24,6 @@ static int registered(int uffd, uint64_t addr)
 	return !(ioctl(uffd, UFFDIO_CONTINUE, &probe) < 0 && errno == ENOENT);
 }
 
-static int refused_before(const struct coverage *c, uint64_t start, uint64_t end)
-{
-	for (size_t i = 0; i < COVERAGE_REFUSED; i++)
-		if (c->refused[i].start == start && c->refused[i].end == end)
-			return 1;
-	return 0;
-}
-
-static void refuse(struct coverage *c, uint64_t start, uint64_t end, const char *why)
-{
-	c->refused[c->nrefused++ % COVERAGE_REFUSED] = (struct span){ start, end };
-	if (c->debug)
-		say("ufcram: the mapping %#llx-%#llx stays plain memory: %s\n",
-		    (unsigned long long)start, (unsigned long long)end, why);
-}
-
 /* Register [start, end) with the uffd, then as a region of the node. */
 int coverage_manage(struct coverage *c, uint64_t start, uint64_t end)
 {
@@ -48,8 +32,12 @@ int coverage_manage(struct coverage *c, uint64_t start, uint64_t end)
 	int rc = ufc_uffd_register(c->link->uffd, start, end - start,
 				   UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP, &ioctls);
 	if (rc) {
-		snprintf(why, sizeof(why), "UFFDIO_REGISTER: %s", strerrorname_np(-rc));
-		refuse(c, start, end, why);
+		/* Asked again at the next scan: a refusal is as often a mapping changing
+		 * under us (allocators unmap and map the same range again and again) as one
+		 * the kernel will never take. Said once. */
+		if (c->debug && !c->said_refused++)
+			say("ufcram: a mapping stays plain memory (UFFDIO_REGISTER %#llx-%#llx: %s)\n",
+			    (unsigned long long)start, (unsigned long long)end, strerrorname_np(-rc));
 		return 0;
 	}
 	struct __attribute__((packed)) {
@@ -163,7 +151,7 @@ int coverage_scan(struct coverage *c)
 	while (p < stop) {
 		p = parse_line(p, stop, &m);
 		if (candidate(c, &m, have_prev ? &prev : NULL) &&
-		    !refused_before(c, m.start, m.end) && !registered(c->link->uffd, m.start)) {
+		    !registered(c->link->uffd, m.start)) {
 			int rc = coverage_manage(c, m.start, m.end);
 			if (rc < 0)
 				return rc;

@@ -9,9 +9,6 @@
 #include "agent_internal.h"
 #include "nodelink.h"
 
-/* mappings the kernel refused to register, not asked again (most recent ones) */
-#define COVERAGE_REFUSED 64
-
 struct coverage {
 	struct ufc_link *link;
 	uint64_t threshold;     /* smallest mapping managed, bytes */
@@ -20,8 +17,7 @@ struct coverage {
 	char exe[PATH_MAX];     /* the program's own file: its .bss is managed */
 	char *buf;              /* /proc/self/maps, in our own memory */
 	size_t cap;
-	size_t nrefused;
-	struct span refused[COVERAGE_REFUSED];
+	unsigned said_refused;  /* a refused registration was said (debug) */
 };
 
 UFC_HIDDEN int coverage_init(struct coverage *c, struct ufc_link *link, uint64_t threshold,

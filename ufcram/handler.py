@@ -31,6 +31,7 @@ from .wakeup import FastWake, poll_spinning
 
 log = logging.getLogger("ufcram.handler")
 DEFERRED_RETRY = 0.001   # seconds between retries of faults that met EAGAIN
+LIMIT_RETRY = 0.01       # seconds before a limit whose demotion failed is enforced again
 DEPARTED = ("clients", "faults", "demotions", "clean_redemotions", "restores", "promotions",
             "zero_fills")
 
@@ -56,6 +57,7 @@ class Handler:
         self.fast_path = FastPath(self.pager, self.msgs)
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
+        self.limits_due = set()   # (client, region id or None) whose enforcement failed
         self.departed = dict.fromkeys(DEPARTED, 0)
         self.requests = {P.HELLO: self.hello, P.REGISTER: self.register,
                          P.UNREGISTER: self.unregister, P.DEMOTE: self.demote_range,
@@ -101,6 +103,7 @@ class Handler:
             self.poller.unregister(client.uffd.fd)
             self.count_departed(client)   # here: once per client, however often dropped
         self.touched = {t for t in self.touched if t[0] is not client}
+        self.limits_due = {t for t in self.limits_due if t[0] is not client}
         self.repeats.forget(client)
         client.close()
         if self.listener is not None:   # a descriptor is free again (see accept_client)
@@ -126,6 +129,8 @@ class Handler:
         due = self.next_scan - now if lapse is None else min(lapse, self.next_scan - now)
         if self.pager.deferred:   # retried soon even if no event comes (after_events)
             due = min(due, DEFERRED_RETRY)
+        if self.limits_due:
+            due = min(due, LIMIT_RETRY)
         return poll_spinning(self.poller, self.pager.spin, max(0, due) * 1000)
 
     def after_events(self):
@@ -134,6 +139,10 @@ class Handler:
             # a fault that met EAGAIN after the last event was read (the thread that
             # caused it had not resumed yet) would otherwise wait for an unrelated event
             self.pager.resolve_deferred()
+        # a limit whose demotion failed (a range unmapped under its drop, say) is tried
+        # again soon: a program that faults no more would otherwise stay over it
+        self.touched |= self.limits_due
+        self.limits_due = set()
         # faults served while an eviction waits on the agent touch regions again:
         # enforce until none was (bounded, in case the application outruns us)
         for _ in range(8):
@@ -142,14 +151,16 @@ class Handler:
                 break
             for client, rid in touched:
                 region = client.regions.get(rid)
-                if region is not None and client.ready:
-                    self.guarded(client, self.pager.enforce_limit, client, region)
+                if region is not None and client.ready and \
+                        not self.guarded(client, self.pager.enforce_limit, client, region):
+                    self.limits_due.add((client, rid))
             limited = {}   # one client per group: the limit is the group's
             for client, _ in touched:
                 if client.limit.pages is not None and client.ready:
                     limited.setdefault(client.group_key, client)
             for client in limited.values():
-                self.guarded(client, self.pager.enforce_client_limit, client)
+                if not self.guarded(client, self.pager.enforce_client_limit, client):
+                    self.limits_due.add((client, None))
         try:
             if self.overflow.closed:
                 self.pager.relieve_overflow()   # retried on the next turn if interrupted
@@ -175,9 +186,11 @@ class Handler:
     def guarded(self, client, fn, *args):
         """Policy work for one client: a failure is said (once, then counted) and the
         client is served on. Not even a bug of ours drops it: that would take its memory
-        away, where a limit not enforced this turn costs only resident memory."""
+        away, where a limit not enforced this turn costs only resident memory. Returns
+        whether it went through."""
         try:
-            return fn(*args)
+            fn(*args)
+            return True
         except (ConnectionResetError, BrokenPipeError) as e:
             # the process exited while we demoted: its socket tells us next, no news
             log.debug("client pid %d: %s", client.pid, e)
@@ -185,6 +198,7 @@ class Handler:
             self.repeats.warn(client, str(e))
         except Exception as e:
             self.repeats.warn(client, f"unexpected failure: {e!r}", exc_info=True)
+        return False
 
     def scan(self):
         """Reap what no event told us about: forked children that have exited, and pool
