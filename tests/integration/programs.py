@@ -24,7 +24,7 @@ import pytest
 
 from ufcram.run import size
 
-from .test_preload import environment
+from .launch import environment
 
 MiB = 1 << 20
 HANDLER = b"ufcram.handler"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_preload import environment, run, ufcram_run
+from .launch import environment, run, ufcram_run
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -92,10 +92,7 @@ class Launch:
 
 # --- programs the preload library cannot enter ---------------------------------------------
 @pytest.fixture(scope="module")
-def static_program(tmp_path_factory):
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is not installed")
+def static_program(gcc, tmp_path_factory):
     out = tmp_path_factory.mktemp("static")
     (out / "static.c").write_text('#include <stdio.h>\nint main(void) '
                                   '{ puts("static ran"); return 0; }\n')

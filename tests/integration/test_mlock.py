@@ -13,7 +13,7 @@ import ufcram
 from ufcram import PAGE_SIZE
 
 from .pages import filled, text_pages
-from .test_preload import assert_ok, build, ufcram_run   # noqa: F401 (build: a fixture)
+from .launch import assert_ok, ufcram_run
 
 pytestmark = pytest.mark.timeout(90)
 MiB = 1 << 20

@@ -6,103 +6,24 @@ its own checks, and the summary `ufcram run` prints parsed for what the node did
 The C programs exit 0 when their checks pass, 1 when one fails and 2 when a precondition
 fails; with --demoted they insist that the memory an operation uses was demoted first
 (see preload_progs/common.c)."""
-import os
 import random
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from .launch import assert_node_worked, assert_ok, environment, run, ufcram_run
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(90)]
 
 MiB = 1 << 20
 HERE = Path(__file__).parent
-PROGS = HERE / "preload_progs"
 DEMOS = HERE.parents[1] / "demos"
-SUMMARY = re.compile(r"demoted (?P<demoted>\d+) pages, restored (?P<restored>\d+), "
-                     r"clean re-demotions (?P<clean_redemotions>\d+), "
-                     r"promotions (?P<promotions>\d+), faults (?P<faults>\d+)")
 PLAIN_MEMORY = "this program runs on plain memory"
-
-
-def environment(**changes):
-    """Ours without any UFCRAM_* or LD_PRELOAD setting: each test sets what it means."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("UFCRAM_") and k != "LD_PRELOAD"}
-    env.update({k: str(v) for k, v in changes.items()})
-    return env
-
-
-@dataclass
-class Done:
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-    def counters(self):
-        """The node's counters from the summary of `ufcram run`."""
-        m = SUMMARY.search(self.stderr)
-        assert m, f"no summary from ufcram run in its stderr:\n{self.stderr}"
-        return {k: int(v) for k, v in m.groupdict().items()}
-
-
-def run(argv, env=None, timeout=60):
-    """Run argv in a session of its own, so that on a timeout its whole process group
-    goes: a program stuck on a fault would otherwise outlive `ufcram run`."""
-    argv = [str(a) for a in argv]
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=environment() if env is None else env,
-                          start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"{' '.join(argv)} did not finish in {timeout} s; its stderr:\n"
-                        f"{err.decode(errors='replace')[-3000:]}")
-    return Done(proc.returncode, out, err.decode(errors="replace"))
-
-
-def ufcram_run(*cmd, limit=None, options=(), env=None, timeout=60):
-    """`ufcram run [--resident-limit limit] [options] -- cmd`."""
-    return run([sys.executable, "-m", "ufcram", "run",
-                *(["--resident-limit", limit] if limit else []), *options, "--", *cmd],
-               env, timeout)
-
-
-def assert_ok(done, what):
-    assert done.returncode == 0, f"{what} exited with status {done.returncode}:\n{done.stderr}"
-
-
-def assert_node_worked(counters):
-    """Pages went to the node and came back: the run was not on resident memory alone."""
-    assert counters["demoted"] > 0 and counters["restored"] > 0, counters
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    """build(name) compiles preload_progs/name.c (a shared library with shared=True)."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is not installed: the C test programs cannot be built")
-    out = tmp_path_factory.mktemp("preload_progs")
-
-    def build(name, shared=False):
-        target = out / (f"lib{name}.so" if shared else name)
-        if not target.exists():
-            done = subprocess.run(
-                [gcc, "-O2", "-Wall", "-Wextra", "-Werror", "-pthread",
-                 *(["-shared", "-fPIC"] if shared else []), "-o", target, PROGS / f"{name}.c"],
-                capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, f"gcc {name}.c failed:\n{done.stderr}"
-        return target
-    return build
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from .programs import Watched, check, measure, need
-from .test_preload import environment
+from .launch import environment
 
 pytestmark = [pytest.mark.uffd]
 
