@@ -38,7 +38,6 @@ CHECKS = {
 LIMITS = {"early-threads": "512K"}
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("check", CHECKS)
 def test_semantics_hold_on_demoted_memory(build, check):
     """One check of preload_progs/semantics.c (CHECKS says what it does) with --demoted:

@@ -165,9 +165,10 @@ static void check_dontfork(void)
 	advise(m + THIRD, THIRD, MADV_DONTFORK, "MADV_DONTFORK");
 	pid_t pid = fork();
 	if (pid == 0) {
-		if (!mincore(m + THIRD, THIRD, vec) || errno != ENOMEM)
+		int rc = mincore(m + THIRD, THIRD, vec);
+		if (!rc || errno != ENOMEM)
 			fail("in the child, mincore of the range advised MADV_DONTFORK: %s, not "
-			     "ENOMEM", errno == ENOMEM ? "success" : strerror(errno));
+			     "ENOMEM", rc ? strerror(errno) : "success");
 		if (!mincore(m + THIRD + THIRD / 2, PAGE, vec) || errno != ENOMEM)
 			fail("in the child, a page in the middle of the range advised MADV_DONTFORK "
 			     "is mapped");
