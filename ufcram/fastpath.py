@@ -33,7 +33,9 @@ def lz4_decompress():
 
 class RegionView:
     """One region's page table as fastpath.c sees it, with the buffers its pointers
-    point into; built once per table (a region gets a new one when mremap moves it)."""
+    point into; built once per table and address (mremap moves a whole region by
+    rebasing its table: a view left at the old address would serve a mapping put there
+    later with the moved pages' entries, and books them as back in memory)."""
 
     def __init__(self, region):
         table = region.table
@@ -67,7 +69,8 @@ class ClientViews:
         views = []
         for region in self.regions:
             view = cache.get(region)
-            if view is None or view.table is not region.table:
+            if view is None or view.table is not region.table or \
+                    view.struct.base != region.table.base:
                 view = cache[region] = RegionView(region)
             views.append(view)
         self.views = views   # the array points into them

@@ -32,6 +32,8 @@ CHECKS = {
     "vfork": "vfork+exec of /bin/true, /bin/false and sh -c 'exit 3' (their argv in the "
              "demoted buffer): exit statuses 0, 1, 3, the buffer intact",
     "posix-spawn": "posix_spawn of the same three, the same checks",
+    "mremap-reuse": "a demoted mapping moved by mremap and a new mapping where it was: the "
+                    "new one reads zeros and keeps its writes, the moved one its bytes",
 }
 # Resident limits: 2M leaves at most half of each buffer resident (8 MiB buffers, or
 # thirds of 4 MiB); early-threads has four buffers of 2 MiB.

@@ -1,10 +1,11 @@
 /* Memory semantics programs rely on, each on memory the node demoted, each checked byte
  * by byte: madvise (MADV_FREE, MADV_DONTNEED, MADV_DONTFORK, MADV_WIPEONFORK), mprotect
  * of part of a mapping, the heap shrunk and grown with sbrk, MAP_POPULATE, a signal
- * handler on an alternate stack, threads started before main, vfork and posix_spawn.
+ * handler on an alternate stack, threads started before main, vfork and posix_spawn, a
+ * mapping moved by mremap with a new one made where it was.
  * usage: semantics madv-free|madv-dontneed|dontfork|wipeonfork|mprotect-split|
- *                  brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn
- *                  [--demoted] */
+ *                  brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn|
+ *                  mremap-reuse [--demoted] */
 #include "common.c"
 
 #include <pthread.h>
@@ -526,6 +527,40 @@ static void check_posix_spawn(void)
 	free(b);
 }
 
+/* A mapping moved by mremap while its pages are on the node, and a new mapping made
+ * where it was: the new one reads zeros and keeps what it is given, the moved one keeps
+ * its own bytes. (The node's books move with the pages; nothing of them may stay behind
+ * at the old address to serve the new mapping.) */
+static void check_mremap_reuse(void)
+{
+	/* where it goes, mapped first so that it lies above (mmap places top down): the
+	 * books of both are then searched with the moved one last */
+	char *target = map(SIZE, 0);
+	char *old = map(SIZE, 0);
+	if (old > target)
+		die(2, "the mappings were not placed top down");
+	fill(old, SIZE, 1);
+	require_demoted("the buffer", old, SIZE);
+	char *moved = mremap(old, SIZE, SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+	if (moved != target)
+		die(2, "mremap: %s", strerror(errno));
+	char *reused = mmap(old, SIZE, PROT_READ | PROT_WRITE,
+			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	if (reused != old)
+		die(2, "mmap where the moved mapping was: %s",
+		    reused == MAP_FAILED ? strerror(errno) : "placed elsewhere");
+	expect_zeros("the new mapping's first half, read", reused, SIZE / 2);
+	fill_range(reused, SIZE / 2, SIZE, 2);   /* its second half: written first */
+	fill_range(reused, 0, SIZE / 2, 2);
+	expect_pattern("the moved mapping", moved, SIZE, 1);
+	expect_pattern("the new mapping", reused, SIZE, 2);
+	require_demoted("the moved mapping, after a read-through", moved, SIZE);
+	expect_pattern("the moved mapping, read again", moved, SIZE, 1);
+	expect_pattern("the new mapping, read again", reused, SIZE, 2);
+	munmap(moved, SIZE);
+	munmap(reused, SIZE);
+}
+
 static const struct {
 	const char *name;
 	void (*run)(void);
@@ -541,6 +576,7 @@ static const struct {
 	{ "early-threads", check_early_threads },
 	{ "vfork", check_vfork },
 	{ "posix-spawn", check_posix_spawn },
+	{ "mremap-reuse", check_mremap_reuse },
 };
 
 int main(int argc, char **argv)
@@ -553,5 +589,6 @@ int main(int argc, char **argv)
 			return 0;
 		}
 	die(2, "usage: semantics madv-free|madv-dontneed|dontfork|wipeonfork|mprotect-split|"
-	       "brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn [--demoted]");
+	       "brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn|"
+	       "mremap-reuse [--demoted]");
 }
