@@ -58,6 +58,7 @@ class ManagedRegion:
         self.clock.referenced[:] = referenced
         self.readahead = Readahead(config.get("UFCRAM_FAULT_AROUND"))
         self.freed_in_flight = self.freed_in_flight[first:last].copy()
+        self.pinned = self.pinned[first:last].copy()
 
     def stats(self):
         return {"pages": self.table.npages, "resident": self.table.resident,
