@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from . import proc
 from .pagetable import DEMOTING, NO_ENTRY, PAGE_SIZE, PageTable, UNTOUCHED
 from .uffd import EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP
 
@@ -91,13 +92,34 @@ def on_remap(client, old, new, length):
 
 
 def on_fork(pager, client, uffd_fd):
-    """The child's memory is a copy of the parent's: it shares the parent's entries."""
+    """The child's memory is a copy of the parent's: it shares the parent's entries,
+    except where the parent said a fork must not copy (its pages there are not the
+    child's: it must never be served them)."""
     child = client.fork(uffd_fd)
+    not_copied(client, child)
     for region in child.regions.values():
         held = region.table.entry[region.table.entry != NO_ENTRY]
         pager.share(held)
     hand_over(client, uffd_fd)
     return child
+
+
+def not_copied(parent, child):
+    """Pages of the child in mappings the fork did not copy are untouched in its books."""
+    if parent.pid <= 0:   # a forked child's own fork: its pid is not known here
+        return
+    try:
+        spans = proc.not_inherited(parent.pid)
+    except OSError as e:
+        log.warning("pid %d forked, and its mappings could not be read (%s): the child "
+                    "may be served the parent's pages where it should read zeros",
+                    parent.pid, e)
+        return
+    for start, end in spans:
+        for region in child.overlapping(start, end):
+            pages = pages_within(region.table, start, end)
+            region.table.entry[pages] = NO_ENTRY
+            region.table.set(pages, UNTOUCHED)
 
 
 def hand_over(parent, uffd_fd):
