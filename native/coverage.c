@@ -95,6 +95,15 @@ static int path_is(const struct mapping *m, const char *s)
 	return m->path_len == n && !memcmp(m->path, s, n);
 }
 
+/* A shared object's data, which its .bss follows: a private writable file mapping. Not
+ * our own memory (/memfd:ufcram, private too), nor a mapping the program shares. */
+static int is_data_segment(const struct mapping *m)
+{
+	static const char memfd[] = "/memfd:";
+	return m->inode && !strcmp(m->perms, "rw-p") &&
+	       !(m->path_len >= sizeof(memfd) - 1 && !memcmp(m->path, memfd, sizeof(memfd) - 1));
+}
+
 /* Private anonymous read-write memory: the heap, any allocator's arenas, anonymous
  * mmaps. Not the stack, the kernel's named areas, shared or file memory, reservations
  * (PROT_NONE) or read-only memory. Not a shared object's .bss either (anonymous memory
@@ -107,7 +116,7 @@ static int candidate(const struct coverage *c, const struct mapping *m,
 		return 0;
 	if (m->end - m->start < c->threshold)
 		return 0;
-	if (prev && prev->end == m->start && prev->inode && !path_is(prev, c->exe))
+	if (prev && prev->end == m->start && is_data_segment(prev) && !path_is(prev, c->exe))
 		return 0;
 	return 1;
 }
