@@ -241,10 +241,10 @@ __attribute__((constructor)) static void start(void)
 		debug("ufcram: no scanner thread; only the memory mapped at start is managed\n");
 		return;
 	}
-	/* Off by default: with it, Python's multiprocessing workers were seen to die (the
-	 * pool then waits for their tasks for good); what a child inherits is served all
-	 * the same, and what it maps afterwards stays plain memory. */
-	if (env_u64("UFCRAM_FORK_JOIN", 0)) {
+	/* On by default: a forked child is a process of the tree like any other. Off, what
+	 * a child inherits is served all the same, and what it maps afterwards stays plain
+	 * memory. */
+	if (env_u64("UFCRAM_FORK_JOIN", 1)) {
 		pl.tree = 1;
 		pthread_atfork(NULL, NULL, after_fork_in_child);
 	}

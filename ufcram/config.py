@@ -73,10 +73,10 @@ SETTINGS = {s.name: s for s in (
             "largest mappings first"),
     Setting("UFCRAM_WRITE_BUDGET", "pages or auto", "auto",
             "preload library: write budget of each managed mapping"),
-    Setting("UFCRAM_FORK_JOIN", "0/1", 0,
-            "preload library, experimental: a forked child joins the node as a client "
-            "of its own, so that what it maps after the fork is managed too (Python "
-            "multiprocessing workers were seen to die with it)"),
+    Setting("UFCRAM_FORK_JOIN", "0/1", 1,
+            "preload library: a forked child joins the node as a client of its own, so "
+            "that what it maps after the fork is managed and counts in the tree's limit; "
+            "0 leaves it plain"),
     Setting("UFCRAM_GROUP", "number", "the pid",
             "preload library: the process tree the resident limit holds for; `ufcram "
             "run` gives each run its own, and children keep their parent's"),

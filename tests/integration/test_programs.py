@@ -145,10 +145,9 @@ def redis_session(server_bin, cli, workdir, load, limit):
 
 # A known gap of issue 14: tests that need it expect their bound alone to be missed (their
 # results must still be exact), and fail once it is met, so that the mark goes.
-FORKED_CHILDREN = ("a forked child's memory is not demoted: what it inherited has no agent "
-                   "(redis's BGSAVE child reads every value back into itself), and what it "
-                   "maps after the fork is plain unless UFCRAM_FORK_JOIN=1, which Python "
-                   "pool workers die with (issue 14)")
+FORKED_CHILDREN = ("what a forked child inherited is served but not demoted: its client has no "
+                   "agent (redis's BGSAVE child reads every value back into itself) "
+                   "(issue 14)")
 
 
 @pytest.mark.timeout(300)
@@ -252,7 +251,7 @@ def test_stress_ng_vm_workers_verify_their_memory(tmp_path):
     plain = measure(argv, tmp_path)
     assert plain.returncode == 0 and "successful run completed" in plain.stderr, plain.stderr
     managed = measure(argv, tmp_path, limit=STRESS_LIMIT, timeout=60)
-    check(plain, managed, STRESS_LIMIT, stress_differs, known_gap=FORKED_CHILDREN)
+    check(plain, managed, STRESS_LIMIT, stress_differs)
 
 
 # --- sqlite3: a large page cache -------------------------------------------------------------------
@@ -348,7 +347,7 @@ def test_python_pool_workers_build_and_checksum_the_same_structures(tmp_path):
     plain = measure(argv, tmp_path, name="python pool")
     assert plain.returncode == 0, plain.stderr
     managed = measure(argv, tmp_path, limit=POOL_LIMIT, name="python pool")
-    check(plain, managed, POOL_LIMIT, text_differs, known_gap=FORKED_CHILDREN)
+    check(plain, managed, POOL_LIMIT, text_differs)
 
 
 # --- sort: a buffer four times the limit -----------------------------------------------------------
