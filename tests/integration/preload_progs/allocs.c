@@ -174,10 +174,7 @@ static void check_usable_size(void)
 	free(small);
 }
 
-static const struct {
-	const char *name;
-	void (*run)(void);
-} checks[] = {
+static const struct check checks[] = {
 	{ "realloc", check_realloc },
 	{ "aligned", check_aligned },
 	{ "calloc", check_calloc },
@@ -190,13 +187,5 @@ static const struct {
 
 int main(int argc, char **argv)
 {
-	setup(argc, argv);
-	for (size_t i = 0; i < sizeof(checks) / sizeof(checks[0]); i++)
-		if (argc > 1 && !strcmp(argv[1], checks[i].name)) {
-			checks[i].run();
-			puts("ok");
-			return 0;
-		}
-	die(2, "usage: allocs realloc|aligned|calloc|mmap|munmap-partial|mremap-grow|"
-	       "split-mapping|usable-size [--demoted]");
+	return run_named(argc, argv, checks, sizeof(checks) / sizeof(checks[0]));
 }

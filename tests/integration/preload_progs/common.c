@@ -121,6 +121,31 @@ HELPER void setup(int argc, char **argv)
 	alarm(WATCHDOG_SECONDS);
 }
 
+/* A program of several checks runs the one its first argument names. */
+struct check {
+	const char *name;
+	void (*run)(void);
+};
+
+/* setup(), then the check argv[1] names: prints "ok" and returns 0 once it has passed
+ * (a failed check exits on its own); an unknown name gets the usage line, status 2. */
+HELPER int run_named(int argc, char **argv, const struct check *checks, size_t n)
+{
+	setup(argc, argv);
+	for (size_t i = 0; i < n; i++)
+		if (argc > 1 && !strcmp(argv[1], checks[i].name)) {
+			checks[i].run();
+			puts("ok");
+			return 0;
+		}
+	const char *slash = strrchr(argv[0], '/');
+	fprintf(stderr, "usage: %s", slash ? slash + 1 : argv[0]);
+	for (size_t i = 0; i < n; i++)
+		fprintf(stderr, "%c%s", i ? '|' : ' ', checks[i].name);
+	fputs(" [--demoted]\n", stderr);
+	return 2;
+}
+
 HELPER void *xmalloc(size_t len)
 {
 	void *p = malloc(len);

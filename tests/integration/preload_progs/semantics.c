@@ -561,10 +561,7 @@ static void check_mremap_reuse(void)
 	munmap(reused, SIZE);
 }
 
-static const struct {
-	const char *name;
-	void (*run)(void);
-} checks[] = {
+static const struct check checks[] = {
 	{ "madv-free", check_madv_free },
 	{ "madv-dontneed", check_madv_dontneed },
 	{ "dontfork", check_dontfork },
@@ -581,14 +578,5 @@ static const struct {
 
 int main(int argc, char **argv)
 {
-	setup(argc, argv);
-	for (size_t i = 0; i < sizeof(checks) / sizeof(checks[0]); i++)
-		if (argc > 1 && !strcmp(argv[1], checks[i].name)) {
-			checks[i].run();
-			puts("ok");
-			return 0;
-		}
-	die(2, "usage: semantics madv-free|madv-dontneed|dontfork|wipeonfork|mprotect-split|"
-	       "brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn|"
-	       "mremap-reuse [--demoted]");
+	return run_named(argc, argv, checks, sizeof(checks) / sizeof(checks[0]));
 }
