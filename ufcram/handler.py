@@ -19,9 +19,10 @@ from . import config, coverage, events, pinned
 from . import protocol as P
 from ._shim import lib
 from .client import Client
+from .demotion import POLLIN
 from .errors import HandlerError, ProtocolError, UfcramError, UffdError, UffdRetry
 from .pagetable import DEMOTED, NO_ENTRY, PAGE_SIZE
-from .pager import POLLIN, Pager
+from .pager import Pager
 from .policy import Overflow, ResidentLimit, exposed_pages
 from .pool import Pool
 from .fastpath import FastPath
