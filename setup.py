@@ -6,7 +6,8 @@ from setuptools import Extension, setup
 preload = Extension(
     "ufcram._preload",
     sources=["native/preload.c", "native/coverage.c", "native/nodelink.c", "native/uffd.c",
-             "native/agent.c", "native/fallback.c", "native/dropped.c"],
+             "native/agent.c", "native/own.c", "native/fallback.c",
+             "native/dropped.c"],
     include_dirs=["native"],
     # hidden: only the mapping calls it watches are exported, so its copy of the shim
     # never shadows ufcram._shim in a Python program run under it

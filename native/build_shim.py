@@ -16,7 +16,8 @@ ffibuilder.set_source(
     "ufcram._shim",
     '#include "ufcram_native.h"\n',
     sources=[str((HERE / s).relative_to(ROOT))
-             for s in ("uffd.c", "agent.c", "fallback.c", "dropped.c", "fastpath.c")],
+             for s in ("uffd.c", "agent.c", "own.c", "fallback.c", "dropped.c",
+                       "fastpath.c")],
     include_dirs=[str(HERE.relative_to(ROOT))],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
     libraries=["pthread"],
