@@ -109,7 +109,7 @@ def not_copied(parent, child):
     if parent.pid <= 0:   # a forked child's own fork: its pid is not known here
         return
     try:
-        spans = proc.not_inherited(parent.pid)
+        spans = proc.flagged_mappings(parent.pid, "dc", "wf")
     except OSError as e:
         log.warning("pid %d forked, and its mappings could not be read (%s): the child "
                     "may be served the parent's pages where it should read zeros",

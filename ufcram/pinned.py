@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 
+from . import proc
 from .errors import UffdError
 from .pagetable import NORMAL, PAGE_SIZE, READONLY, WRITABLE, pages_of, runs_of
 
@@ -33,27 +34,13 @@ def unless_locked(pager, demotion, client, region, runs, keep):
     return demotion(client, region, runs) if len(runs) else 0
 
 
-def locked_spans(pid):
-    """[start, end) of each locked mapping of process pid (`lo` in smaps' VmFlags)."""
-    spans, span = [], None
-    with open(f"/proc/{pid}/smaps") as smaps:
-        for line in smaps:
-            head = line.split(maxsplit=1)[0] if line.strip() else ""
-            if not head.endswith(":"):   # a mapping's first line: start-end perms ...
-                start, end = head.split("-")
-                span = (int(start, 16), int(end, 16))
-            elif head == "VmFlags:" and "lo" in line.split()[1:]:
-                spans.append(span)
-    return spans
-
-
 def pin_locked(pager, client):
     """Pin the pages of client's regions that are locked now, and only those; returns
     how many were not pinned before (0 too if the process has gone)."""
     if client.pid <= 0:   # a forked child: it has no agent, nothing of it is demoted
         return 0
     try:
-        spans = locked_spans(client.pid)
+        spans = proc.flagged_mappings(client.pid, "lo")
     except OSError:
         return 0
     newly = 0

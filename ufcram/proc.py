@@ -36,18 +36,17 @@ def mapping_around(pid, addr):
     return None
 
 
-def not_inherited(pid):
-    """(start, end) of each mapping of process pid that a fork does not copy: MADV_DONTFORK
-    (VmFlags dc: the child has no such mapping) and MADV_WIPEONFORK (wf: the child's
-    reads as zeros)."""
+def flagged_mappings(pid, *flags):
+    """(start, end) of each mapping of process pid whose VmFlags in smaps has any of
+    flags: lo, locked (mlock); dc, not copied by a fork (MADV_DONTFORK); wf, read as zeros
+    in a forked child (MADV_WIPEONFORK)."""
     found, span = [], None
     with open(f"/proc/{pid}/smaps") as smaps:
         for line in smaps:
             if line[0] in "0123456789abcdef":   # a mapping's line; fields are capitalised
                 start, _, end = line.partition(" ")[0].partition("-")
                 span = int(start, 16), int(end, 16)
-            elif line.startswith("VmFlags:") and span is not None:
-                flags = line.split()[1:]
-                if "dc" in flags or "wf" in flags:
-                    found.append(span)
+            elif line.startswith("VmFlags:") and span is not None and \
+                    not set(flags).isdisjoint(line.split()[1:]):
+                found.append(span)
     return found
