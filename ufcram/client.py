@@ -78,6 +78,7 @@ class Client:
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         self.uffd = uffd
         self.parent = parent          # for a forked child: the client it was forked from
+        self.joined = None            # ... and the one its process joined with (its agent)
         self.agent = None
         self.staging = None
         self.staging_pages = None
@@ -270,8 +271,9 @@ class Client:
 
     def fork(self, uffd_fd):
         """The client of a forked child: the same regions and entries (shared with the
-        parent, as the child's memory is a copy), served through the child's uffd. The
-        child has no agent, so its pages are never demoted and its writes promote."""
+        parent, as the child's memory is a copy), served through the child's uffd. It has
+        no agent: the client the child joins with later drops the pages it reads back
+        (Limits.agent_client); those it writes are its own, and promote."""
         child = Client(None, Uffd(uffd_fd, self.uffd.features), parent=self)
         child.limit, child.group = self.limit, self.group   # the same process tree
         for rid, region in self.regions.items():

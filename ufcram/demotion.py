@@ -50,7 +50,9 @@ class Demotion:
     def demote(self, client, region, pages):
         """Demote the present pages among `pages` (sorted). Clean read-only pages are
         only dropped: their entry is still in the pool. Dirty pages are copied out and
-        compressed, unless the node is closed to new entries. A page's state is read
+        compressed, unless the node is closed to new entries (or the client is a forked
+        child's inherited memory: its process's agent has no staging buffer to copy it
+        into through the child's uffd, so only clean pages go). A page's state is read
         when its batch starts, not before: a read-only page written while an earlier
         batch was in flight has had its entry reaped, and dropped as clean it would
         be lost."""
@@ -62,6 +64,8 @@ class Demotion:
 
         done = sum(pinned.unless_locked(self, self.drop_clean, client, region, runs, clean)
                    for _, runs in batches(pages, DROP_BATCH, MAX_RUNS, clean))
+        if client.agent is None:
+            return done
         for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS, dirty):
             if self.overflow.closed:   # also once a batch has filled the node
                 left = pages[pages >= chunk[0]]
@@ -75,15 +79,19 @@ class Demotion:
         return np.stack((table.base + runs[:, 0] * PAGE_SIZE, runs[:, 1] * PAGE_SIZE), 1)
 
     def command_agent(self, client, op, spans):
-        """Send one batch to the agent and wait for its reply; its drops will raise
-        REMOVE events for exactly these spans."""
+        """Send one batch to the agent (of agent_client: a forked child's own process's)
+        and wait for its reply; its drops will raise REMOVE events for exactly these
+        spans, on client's uffd, the one their mappings are registered with."""
+        keeper = self.agent_client(client)
         try:
-            client.agent.send(op, spans)
+            if keeper is None:
+                raise OSError(errno.EPIPE, "no agent")
+            keeper.agent.send(op, spans)
         except OSError as e:   # as a refusal: the caller puts the batch's pages back
             return -(e.errno or errno.EPIPE), 0
         client.expected_removes = {a: a + n for a, n in spans.tolist()}
         try:
-            return self.await_agent(client)
+            return self.await_agent(keeper)
         finally:
             client.expected_removes = {}
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from . import config, coverage, events, pinned
+from . import config, coverage, events, pinned, proc
 from . import protocol as P
 from .client import Client
 from .demotion import POLLIN
@@ -310,6 +310,15 @@ class Handler(Requests):
     def read_faults(self, client, spin):
         """(first, n, regions served in): the messages msgs[first:n] are left to
         serve, after the fast path served the faults it could."""
+        if client.pid < 0 and client.parent is not None:
+            # a forked child's pid, which its fork event does not say: the process of
+            # its first faulting thread, which waits on our answer so is still there
+            # (read here, for the fast path keeps no tids)
+            n = client.uffd.read_msgs(self.msgs)
+            tids = self.msgs["arg2"][:n][self.msgs["event"][:n] == EVENT_PAGEFAULT]
+            if len(tids):
+                client.pid = proc.thread_group(int(tids[0]) & 0xFFFFFFFF)
+            return 0, n, ()
         if self.fast_path.enabled:
             return self.fast_path.serve(client, spin)
         return 0, client.uffd.read_msgs(self.msgs), ()

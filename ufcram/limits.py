@@ -27,7 +27,7 @@ class Limits:
         run` limits as a cgroup's memory.max does), demote the coldest pages of the
         group's largest regions first. A client without a group is one of its own. The
         regions of a client without an agent (a forked child's inherited memory) count,
-        but only the others can be demoted."""
+        and are dropped where clean, by the agent of the client its process joined with."""
         self.enforcing.add(client.group_key)
         try:
             self.demote_group_excess(client)
@@ -63,18 +63,34 @@ class Limits:
         for owner, region in held:
             if excess <= 0:
                 break
-            if owner.agent is None or not owner.ready or region.id not in owner.regions:
+            if self.agent_client(owner) is None or not owner.ready or \
+                    region.id not in owner.regions:
                 continue   # (a demotion before this one may have dropped or cut it)
-            chosen = self.coldest(region, excess)
+            chosen = self.coldest(region, excess, clean_only=owner.agent is None)
             excess -= len(chosen)
             self.demote(owner, region, chosen)
 
+    def agent_client(self, client):
+        """The client whose agent demotes client's memory: its own, or for a forked
+        child's inherited memory (whose client has none) the client the same process
+        joined with, found once the child's pid is known (handler.read_faults)."""
+        if client.agent is not None:
+            return client
+        if client.pid < 0:
+            return None
+        joined = client.joined
+        if joined is None or self.clients.get(joined.uffd.fd) is not joined:   # it left
+            client.joined = next((c for c in self.clients.values()
+                                  if c.pid == client.pid and c.agent is not None), None)
+        return client.joined
+
     @staticmethod
-    def coldest(region, n):
-        """Up to n of region's resident pages, not in flight nor pinned, coldest by its
-        CLOCK; sorted."""
-        candidates = region.table.present() & (region.table.state != DEMOTING) & \
-            ~region.pinned
+    def coldest(region, n, clean_only=False):
+        """Up to n of region's resident pages (clean_only: read-only, with their entry),
+        not in flight nor pinned, coldest by its CLOCK; sorted."""
+        table = region.table
+        candidates = table.clean(slice(None)) if clean_only else table.present()
+        candidates &= (table.state != DEMOTING) & ~region.pinned
         return np.sort(region.clock.coldest(candidates, n))
 
     def relieve_overflow(self):

@@ -26,6 +26,18 @@ def mapped_pages(pid, start, npages):
     return mapped
 
 
+def thread_group(tid):
+    """The process of thread tid, or -1 if it is gone."""
+    try:
+        with open(f"/proc/{tid}/status") as status:
+            for line in status:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def mapping_around(pid, addr):
     """(start, end) of the mapping of process pid that holds addr, or None."""
     with open(f"/proc/{pid}/maps") as maps:

@@ -155,9 +155,11 @@ def test_gzip_round_trip_through_a_pipe_is_exact(tmp_path):
 
 
 # --- fork, threads and system calls on demoted memory ------------------------------------------
-@pytest.mark.parametrize("scenario", ["child-writes", "child-frees", "parent-writes"])
+@pytest.mark.parametrize("scenario", ["child-writes", "child-reads", "child-frees",
+                                      "parent-writes"])
 def test_fork_child_and_parent_each_keep_their_own_bytes(build, scenario):
     """child-writes: the child reads the parent's demoted buffer and writes its copy;
+    child-reads: the child reads it, its copy is demoted in turn, and it reads it again;
     child-frees: the child frees it and allocates anew, 16 times, forking right after
     the parent rewrote its buffer; parent-writes: the parent writes its demoted buffer
     while the child still holds the bytes of the fork. The buffer is 4 MiB: a small

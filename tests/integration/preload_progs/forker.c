@@ -1,5 +1,5 @@
 /* fork of a program whose large buffer is (mostly) demoted to the node.
- * usage: forker child-writes|child-frees|parent-writes [--demoted] */
+ * usage: forker child-writes|child-reads|child-frees|parent-writes [--demoted] */
 #include "common.c"
 
 #include <sys/wait.h>
@@ -38,6 +38,30 @@ static void child_writes(char *a)
 	}
 	wait_ok(pid, "child that read and wrote the buffer");
 	expect_pattern("the parent's buffer after the child wrote its copy", a, SIZE, 1);
+}
+
+/* The child reads its parent's demoted pages back into itself: the node must demote
+ * them there too (its own agent drops them: their copies are still on the node), or a
+ * child that reads everything (redis's BGSAVE) would hold the whole buffer. */
+static void child_reads(char *a)
+{
+	fill_and_demote(a, 1);
+	pid_t pid = fork();
+	if (pid == 0) {
+		expect_pattern("the child's view of the parent's buffer", a, SIZE, 1);
+		double resident = 1.0;
+		for (int i = 0; i < 500 && (resident = resident_fraction(a, SIZE)) > 0.5; i++) {
+			struct timespec ms10 = { 0, 10 * 1000 * 1000 };
+			nanosleep(&ms10, NULL);
+		}
+		if (resident > 0.5)
+			fail("the child's copy it read is still %.0f%% resident: not demoted",
+			     100 * resident);
+		expect_pattern("the child's view after its copy was demoted", a, SIZE, 1);
+		exit(0);
+	}
+	wait_ok(pid, "child that read the buffer back");
+	expect_pattern("the parent's buffer after the child read it", a, SIZE, 1);
 }
 
 /* A child that frees what it inherited and allocates anew (likely at the same address)
@@ -96,12 +120,15 @@ int main(int argc, char **argv)
 	char *a = xmalloc(SIZE);
 	if (!strcmp(scenario, "child-writes"))
 		child_writes(a);
+	else if (!strcmp(scenario, "child-reads"))
+		child_reads(a);
 	else if (!strcmp(scenario, "child-frees"))
 		child_frees(a);
 	else if (!strcmp(scenario, "parent-writes"))
 		parent_writes(a);
 	else
-		die(2, "usage: forker child-writes|child-frees|parent-writes [--demoted]");
+		die(2, "usage: forker child-writes|child-reads|child-frees|parent-writes "
+		       "[--demoted]");
 	free(a);
 	puts("ok");
 	return 0;
