@@ -256,13 +256,11 @@ def measure(argv, workdir, limit=None, env=None, timeout=90, name=None):
     return w.result()
 
 
-def check(plain, managed, limit, same_output, known_gap=None):
+def check(plain, managed, limit, same_output):
     """The two checks of the acceptance: same_output(plain, managed) gives what differs
     (or nothing), and the managed tree's peak stays within bound(limit). Preconditions
     first: the plain run must have worked, and its working set must be at least four
-    times the limit and above the bound, or a pass would prove nothing. known_gap (a
-    reason) expects the bound alone to be missed: the results must still be the plain
-    run's, and a bound met then fails too, so that the gap's mark goes once it closes."""
+    times the limit and above the bound, or a pass would prove nothing."""
     most = bound(limit)
     figures = "\n".join([plain.figures(), managed.figures(),
                          f"limit {limit}, bound (L + 25% + 16 MiB) {mib(most)}"])
@@ -275,13 +273,6 @@ def check(plain, managed, limit, same_output, known_gap=None):
     assert not differs, "\n".join([f"its results differ from the plain run's: {differs}",
                                    figures, "ufcram run's stderr (its end):",
                                    managed.stderr[-2000:]])
-    problems = []
-    if managed.peak_pss > most:
-        problems.append(f"the tree's peak anonymous memory {mib(managed.peak_pss)} (Pss_Anon) "
-                        f"is over the bound {mib(most)}")
-    if known_gap is not None:
-        if problems:
-            pytest.xfail(f"{known_gap} ({problems[0]})")
-        pytest.fail(f"the known gap is closed: remove its mark ({known_gap})\n{figures}")
-    assert not problems, "\n".join(problems + [figures, "ufcram run's stderr (its end):",
-                                               managed.stderr[-2000:]])
+    assert managed.peak_pss <= most, "\n".join([
+        f"the tree's peak anonymous memory {mib(managed.peak_pss)} (Pss_Anon) is over the "
+        f"bound {mib(most)}", figures, "ufcram run's stderr (its end):", managed.stderr[-2000:]])

@@ -143,13 +143,6 @@ def redis_session(server_bin, cli, workdir, load, limit):
     return run
 
 
-# A known gap of issue 14: tests that need it expect their bound alone to be missed (their
-# results must still be exact), and fail once it is met, so that the mark goes.
-FORKED_CHILDREN = ("what a forked child inherited is served but not demoted: its client has no "
-                   "agent (redis's BGSAVE child reads every value back into itself) "
-                   "(issue 14)")
-
-
 @pytest.mark.timeout(300)
 def test_redis_under_load_and_a_fork_keeps_its_data_digest(tmp_path, redis_load):
     """Debian's redis-server is linked with jemalloc, which maps and unmaps its own extents
@@ -162,7 +155,7 @@ def test_redis_under_load_and_a_fork_keeps_its_data_digest(tmp_path, redis_load)
     digests = re.findall(rb"digest[^:]*: (\w+)", plain.stdout)
     assert len(digests) == 3 and len(set(digests)) == 1, plain.stdout.decode()
     managed = redis_session(server_bin, cli, tmp_path / "ufcram", redis_load, REDIS_LIMIT)
-    check(plain, managed, REDIS_LIMIT, text_differs, known_gap=FORKED_CHILDREN)
+    check(plain, managed, REDIS_LIMIT, text_differs)
 
 
 # --- memtester: mlock ---------------------------------------------------------------------------
