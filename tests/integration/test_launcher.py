@@ -212,6 +212,47 @@ def test_the_launcher_on_a_shared_node_is_no_client(tmp_path, shared_node):
     assert (after["clients"], after["departed"]["clients"]) == (0, 1)
 
 
+# A process tree: the program forks a child that reads the memory it inherited (demoted
+# under the limit, so it faults: its pid is learnt then) and starts another program.
+TREE = """
+import os, subprocess, sys
+b = bytearray(16 << 20)
+for i in range(0, len(b), 4096):
+    b[i] = 1
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(w)
+    ok = sum(b[::4096]) == len(b) // 4096
+    os.read(r, 1)
+    os._exit(0 if ok else 1)
+os.close(r)
+started = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE)
+started.stdout.readline()
+print(os.getpid(), child, started.pid, flush=True)
+sys.stdin.read()
+os.write(w, b"x")
+started.stdin.close()
+sys.exit(started.wait() or os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+"""
+
+
+def test_stat_shows_every_process_of_the_tree(tmp_path):
+    """The program, its forked child (the memory it inherited and its own) and the program
+    it started are the run's clients; the launcher is not."""
+    with Launch(tmp_path, [sys.executable, "-c", TREE, CLIENT], options=["--resident-limit",
+                "4M"], stdin=subprocess.PIPE) as launch:
+        tree = set(map(int, launch.proc.stdout.readline().split()))
+        [sock] = [d / "node.sock" for d in run_dirs(tmp_path)]
+        listed = wait_for(lambda: (lambda pids: pids if pids == tree else None)(
+            {c["pid"] for c in stat_json(sock)["per_client"]}), "the tree's three pids")
+        assert launch.proc.pid not in listed
+        launch.close_stdin()
+        status, _, err = launch.finish()
+        assert status == 0, err
+
+
 # --- signals --------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
                          ids=lambda s: s.name)
