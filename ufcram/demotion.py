@@ -151,7 +151,8 @@ class Demotion:
         freed = self.settle_freed(region, pages)
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
-            self.put_back(client, table, pages, before, rows, keep=~freed)
+            self.put_back(client, region, pages, before, rows, keep=~freed)
+            self.settle_freed(region, pages)
             at = 0   # the spans where they are now (put_back read the events)
             for (addr, length), count in zip(self.spans(table, runs).tolist(),
                                              runs[:, 1].tolist()):
@@ -181,11 +182,14 @@ class Demotion:
                 log.warning("pool refused %d pages over capacity", int(refused.sum()))
             region.counters["refused_full"] += int(refused.sum())
         stored = handles >= 0
-        back = np.flatnonzero(~stored & ~freed)
-        if len(back):
-            self.put_back(client, table, pages, before, back, keep=~stored & ~freed)
+        # settled before any put-back reads events: a stored page freed then is reaped
+        # there and then, not flagged in flight after its batch has settled
         table.entry[pages[stored]] = handles[stored]
         table.set(pages[stored], DEMOTED)
+        back = np.flatnonzero(~stored & ~freed)
+        if len(back):
+            self.put_back(client, region, pages, before, back, keep=~stored & ~freed)
+            self.settle_freed(region, pages[~stored])
         self.overflow.update(self.pool.mem_used_total, self.pool.capacity, bool(refused.any()))
         demoted = int((stored & ~refused).sum())   # refused ones are on their way back
         region.counters["demotions"] += demoted
@@ -215,22 +219,26 @@ class Demotion:
             settle = in_flight & ~freed
             if copied is None:
                 gap = np.zeros(len(pages), bool) if absent is None else absent
+                mirror.table.set(pages[settle & gap], DEMOTED)   # first, as in put_back
                 self.map_read_only(child, mirror, pages[settle & ~gap])
-                mirror.table.set(pages[settle & gap], DEMOTED)
                 continue
             rows = np.flatnonzero(settle) if copied else []
+
+            def copy():   # read at each try, as in put_back
+                live = rows[~mirror.freed_in_flight[pages[rows]]]
+                child.uffd.copy_many(mirror.table.base + pages[live] * PAGE_SIZE,
+                                     client.staging_addr + live * PAGE_SIZE)
             try:
                 if len(rows):
-                    self.despite_events(child, child.uffd.copy_many,
-                                        mirror.table.base + pages[rows] * PAGE_SIZE,
-                                        client.staging_addr + rows * PAGE_SIZE)
+                    self.despite_events(child, copy)
             except UffdError as e:
                 # ENOENT/ESRCH: the child has unmapped the range or exited meanwhile.
                 # Either way the parent's batch must still settle below.
                 if e.errno not in (errno.ENOENT, errno.ESRCH):
                     log.error("forked child of pid %d: staged pages not copied: %s",
                               client.pid, e)
-            mirror.table.set(pages[settle], NORMAL)
+            mirror.table.set(pages[settle & ~mirror.freed_in_flight[pages]], NORMAL)
+            self.settle_freed(mirror, pages[settle])
 
     def map_read_only(self, child, mirror, pages):
         """Clean pages of a drop, mapped read-only from their entries where they are
@@ -244,20 +252,25 @@ class Demotion:
         for at in range(0, len(pages), n):
             chunk = pages[at:at + n]
             self.pool.load_many(table.entry[chunk], buf[:len(chunk)])
+
+            def copy():
+                # read at each try, as in put_back: a page freed meanwhile may already
+                # have a new mapping at its address, which must never get these bytes
+                rows = np.flatnonzero(~mirror.freed_in_flight[chunk])
+                child.uffd.copy_many(table.base + chunk[rows] * PAGE_SIZE,
+                                     address_of(buf) + rows * PAGE_SIZE, True)
             try:
-                self.despite_events(child, child.uffd.copy_many,
-                                    table.base + chunk * PAGE_SIZE,
-                                    address_of(buf) + np.arange(len(chunk)) * PAGE_SIZE,
-                                    True)
+                self.despite_events(child, copy)
+                state = READONLY
             except UffdError as e:
                 # ENOENT/ESRCH: unmapped or exited meanwhile. Otherwise presence is
                 # unknown: demoted is right either way (a fault restores from the entry)
                 if e.errno not in (errno.ENOENT, errno.ESRCH):
                     log.error("client pid %d: clean pages not mapped read-only: %s",
                               child.pid, e)
-                table.set(chunk, DEMOTED)
-                continue
-            table.set(chunk, READONLY)
+                state = DEMOTED
+            table.set(chunk[~mirror.freed_in_flight[chunk]], state)
+        self.settle_freed(mirror, pages)   # those freed meanwhile: zeros
 
     def forked_during(self, client, region, pages):
         """(descendant client, its copy of region) for each holding any of pages in flight."""
@@ -271,16 +284,23 @@ class Demotion:
                     (mirror.table.state[pages] == DEMOTING).any():
                 yield other, mirror
 
-    def put_back(self, client, table, pages, before, rows, keep):
+    def put_back(self, client, region, pages, before, rows, keep):
         """Reinstall staged copies (rows of the staging buffer) of pages; the pages of
-        the batch selected by `keep` return to their state before the demotion."""
-        rows = np.asarray(rows, np.int64)
+        the batch selected by `keep` return to their state before the demotion. Those
+        the application frees meanwhile stay in flight, for settle_freed."""
+        table, rows = region.table, np.asarray(rows, np.int64)
+
+        def copy():
+            # read at each try: the events read between tries may include the mremap
+            # that moved the region (glibc's realloc does) while it was in flight, and
+            # the old address then is nothing's, or the munmap that freed some of its
+            # pages (sbrk shrinking the heap): those addresses are nothing's either
+            live = rows[~region.freed_in_flight[pages[rows]]]
+            client.uffd.copy_many(table.base + pages[live] * PAGE_SIZE,
+                                  client.staging_addr + live * PAGE_SIZE)
         if len(rows):
-            # where to, is read at each try: the events read between tries may include
-            # the mremap that moved the region (glibc's realloc does) while it was in
-            # flight, and the old address then is nothing's
-            self.despite_events(client, lambda: client.uffd.copy_many(
-                table.base + pages[rows] * PAGE_SIZE, client.staging_addr + rows * PAGE_SIZE))
+            self.despite_events(client, copy)
+        keep = keep & ~region.freed_in_flight[pages]
         for state in np.unique(before[keep]).tolist():   # plain ints, as every caller's
             table.set(pages[keep & (before == state)], state)
 

@@ -34,6 +34,9 @@ CHECKS = {
     "posix-spawn": "posix_spawn of the same three, the same checks",
     "mremap-reuse": "a demoted mapping moved by mremap and a new mapping where it was: the "
                     "new one reads zeros and keeps its writes, the moved one its bytes",
+    "munmap-in-flight": "the top half of a freshly written mapping unmapped while the node "
+                        "demotes it, 64 times: the new mapping there reads zeros, the kept "
+                        "half keeps its bytes, and no page stays in flight",
 }
 # Resident limits: 2M leaves at most half of each buffer resident (8 MiB buffers, or
 # thirds of 4 MiB); early-threads has four buffers of 2 MiB.

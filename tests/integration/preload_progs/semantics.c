@@ -5,7 +5,7 @@
  * mapping moved by mremap with a new one made where it was.
  * usage: semantics madv-free|madv-dontneed|dontfork|wipeonfork|mprotect-split|
  *                  brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn|
- *                  mremap-reuse [--demoted] */
+ *                  mremap-reuse|munmap-in-flight [--demoted] */
 #include "common.c"
 
 #include <pthread.h>
@@ -287,6 +287,51 @@ static void check_brk_shrink(void)
 	expect_range("the half grown again, filled", base, half, SIZE, 2);
 	if ((char *)sbrk(0) != base + SIZE || sbrk(-(intptr_t)SIZE) == (void *)-1)
 		die(2, "precondition: the break moved under the test (malloc used sbrk)");
+}
+
+/* The top half of a mapping written and unmapped at once, round after round, while
+ * another thread keeps rewriting the bottom half: the node demotes all the while, so
+ * batches of the top half are in flight as it goes (copied out, then not droppable
+ * where the mapping is gone). The bottom half keeps its bytes, and nothing waits
+ * forever on a page left in flight (the watchdog). */
+struct churn {
+	char *buf;
+	size_t len;
+	volatile int stop;
+};
+
+static void *churn_main(void *arg)
+{
+	struct churn *c = arg;
+	while (!c->stop)
+		fill(c->buf, c->len, 7);
+	return NULL;
+}
+
+static void check_munmap_in_flight(void)
+{
+	char *m = map(SIZE, 0);
+	fill(m, SIZE, 7);
+	require_demoted("the mapping", m, SIZE);
+	struct churn c = { m, SIZE / 2, 0 };
+	pthread_t t;
+	if (pthread_create(&t, NULL, churn_main, &c))
+		die(2, "pthread_create failed");
+	for (uint64_t round = 1; round <= 64; round++) {
+		if (munmap(m + SIZE / 2, SIZE / 2))
+			die(2, "munmap: %s", strerror(errno));
+		char *top = mmap(m + SIZE / 2, SIZE / 2, PROT_READ | PROT_WRITE,
+				 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+		if (top != m + SIZE / 2)
+			die(2, "precondition: the top half could not be mapped again");
+		expect_zeros("the top half mapped again", top, SIZE / 2);
+		fill_range(m, SIZE / 2, SIZE, round);
+		expect_range("the top half, written", m, SIZE / 2, SIZE, round);
+	}
+	c.stop = 1;
+	pthread_join(t, NULL);
+	expect_range("the bottom half, rewritten all along", m, 0, SIZE / 2, 7);
+	munmap(m, SIZE);
 }
 
 /* A mapping the kernel populated at mmap (MAP_POPULATE) reads as zeros, then keeps what
@@ -574,6 +619,7 @@ static const struct check checks[] = {
 	{ "vfork", check_vfork },
 	{ "posix-spawn", check_posix_spawn },
 	{ "mremap-reuse", check_mremap_reuse },
+	{ "munmap-in-flight", check_munmap_in_flight },
 };
 
 int main(int argc, char **argv)
