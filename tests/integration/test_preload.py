@@ -186,16 +186,9 @@ def test_syscalls_copy_into_and_out_of_demoted_buffers(build, how):
 # --- the allocation calls -----------------------------------------------------------------------
 ALLOC_CHECKS = ["realloc", "aligned", "calloc", "mmap", "munmap-partial", "mremap-grow",
                 "split-mapping", "usable-size"]
-# Known and open (issue 14): now and then (2 fresh-clone runs in 4) the third 8 MiB block,
-# which glibc maps where it just unmapped the second while a drop of it failed (ENOMEM),
-# is never demoted, and allocs stops on its precondition (status 2: bytes are not in
-# question). Not strict: it passes most runs.
-MANAGED_CHECKS = [pytest.param(c, marks=pytest.mark.xfail(strict=False, reason=(
-    "intermittent: a block mapped where a block under a failed drop was is sometimes "
-    "not demoted (issue 14)"))) if c == "aligned" else c for c in ALLOC_CHECKS]
 
 
-@pytest.mark.parametrize("check", MANAGED_CHECKS)
+@pytest.mark.parametrize("check", ALLOC_CHECKS)
 def test_allocation_call_keeps_its_contract_on_demoted_memory(build, check):
     """One check of preload_progs/allocs.c: realloc across glibc's mmap threshold both ways,
     64 KiB-aligned allocations, zeroed calloc, mmap/munmap, partial munmap, mremap
