@@ -213,10 +213,12 @@ def test_the_launcher_on_a_shared_node_is_no_client(tmp_path, shared_node):
 
 
 # A process tree: the program forks a child that reads the memory it inherited (demoted
-# under the limit, so it faults: its pid is learnt then) and starts another program.
+# under the limit, so it faults: its pid is learnt then) and starts another program. The
+# limit leaves the three interpreters' own memory room (about 8 MiB each): at 4M they
+# thrashed for up to minutes.
 TREE = """
 import os, subprocess, sys
-b = bytearray(16 << 20)
+b = bytearray(64 << 20)
 for i in range(0, len(b), 4096):
     b[i] = 1
 r, w = os.pipe()
@@ -242,7 +244,9 @@ def test_stat_shows_every_process_of_the_tree(tmp_path):
     """The program, its forked child (the memory it inherited and its own) and the program
     it started are the run's clients; the launcher is not."""
     with Launch(tmp_path, [sys.executable, "-c", TREE, CLIENT], options=["--resident-limit",
-                "4M"], stdin=subprocess.PIPE) as launch:
+                "32M"], stdin=subprocess.PIPE) as launch:
+        ready, _, _ = select.select([launch.proc.stdout], [], [], 60)
+        assert ready, "the tree's program did not say its pids within 60 s"
         tree = set(map(int, launch.proc.stdout.readline().split()))
         [sock] = [d / "node.sock" for d in run_dirs(tmp_path)]
         listed = wait_for(lambda: (lambda pids: pids if pids == tree else None)(
