@@ -123,8 +123,9 @@ def test_pages_freed_while_demoted_read_zeros(node):
             libc.madvise(r.address + page * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED)
             freed.append(page)
         demote_while(r, free)
+        freed = np.unique(freed)   # a slow demotion sees the same pages freed many times
         data[freed] = 0
-        assert freed, "the freer never ran"
+        assert len(freed), "the freer never ran"
         bad = np.flatnonzero((a != data).any(axis=1))
         assert len(bad) == 0, f"{len(bad)} pages wrong, first {bad[:5]}"
         a[freed] = data[freed] = text_pages(len(freed), seed=round_)
