@@ -222,15 +222,10 @@ class Demotion:
                 mirror.table.set(pages[settle & gap], DEMOTED)   # first, as in put_back
                 self.map_read_only(child, mirror, pages[settle & ~gap])
                 continue
-            rows = np.flatnonzero(settle) if copied else []
-
-            def copy():   # read at each try, as in put_back
-                live = rows[~mirror.freed_in_flight[pages[rows]]]
-                child.uffd.copy_many(mirror.table.base + pages[live] * PAGE_SIZE,
-                                     client.staging_addr + live * PAGE_SIZE)
+            rows = np.flatnonzero(settle) if copied else np.empty(0, np.int64)
             try:
-                if len(rows):
-                    self.despite_events(child, copy)
+                self.copy_back(child, mirror, pages[rows],
+                               client.staging_addr + rows * PAGE_SIZE)
             except UffdError as e:
                 # ENOENT/ESRCH: the child has unmapped the range or exited meanwhile.
                 # Either way the parent's batch must still settle below.
@@ -252,15 +247,9 @@ class Demotion:
         for at in range(0, len(pages), n):
             chunk = pages[at:at + n]
             self.pool.load_many(table.entry[chunk], buf[:len(chunk)])
-
-            def copy():
-                # read at each try, as in put_back: a page freed meanwhile may already
-                # have a new mapping at its address, which must never get these bytes
-                rows = np.flatnonzero(~mirror.freed_in_flight[chunk])
-                child.uffd.copy_many(table.base + chunk[rows] * PAGE_SIZE,
-                                     address_of(buf) + rows * PAGE_SIZE, True)
             try:
-                self.despite_events(child, copy)
+                self.copy_back(child, mirror, chunk,
+                               address_of(buf) + np.arange(len(chunk)) * PAGE_SIZE, wp=True)
                 state = READONLY
             except UffdError as e:
                 # ENOENT/ESRCH: unmapped or exited meanwhile. Otherwise presence is
@@ -289,20 +278,23 @@ class Demotion:
         the batch selected by `keep` return to their state before the demotion. Those
         the application frees meanwhile stay in flight, for settle_freed."""
         table, rows = region.table, np.asarray(rows, np.int64)
-
-        def copy():
-            # read at each try: the events read between tries may include the mremap
-            # that moved the region (glibc's realloc does) while it was in flight, and
-            # the old address then is nothing's, or the munmap that freed some of its
-            # pages (sbrk shrinking the heap): those addresses are nothing's either
-            live = rows[~region.freed_in_flight[pages[rows]]]
-            client.uffd.copy_many(table.base + pages[live] * PAGE_SIZE,
-                                  client.staging_addr + live * PAGE_SIZE)
-        if len(rows):
-            self.despite_events(client, copy)
+        self.copy_back(client, region, pages[rows], client.staging_addr + rows * PAGE_SIZE)
         keep = keep & ~region.freed_in_flight[pages]
         for state in np.unique(before[keep]).tolist():   # plain ints, as every caller's
             table.set(pages[keep & (before == state)], state)
+
+    def copy_back(self, client, region, pages, sources, wp=False):
+        """Install region's pages from sources (an address each) through client's uffd,
+        despite events. Where to is read at each try: the events read between tries may
+        move the region (glibc's realloc uses mremap) or free some of its pages (munmap,
+        sbrk), and a freed page's address may already hold a new mapping, which must
+        never get these bytes (those pages stay in flight, for settle_freed)."""
+        def copy():
+            live = ~region.freed_in_flight[pages]
+            client.uffd.copy_many(region.table.base + pages[live] * PAGE_SIZE,
+                                  sources[live], wp)
+        if len(pages):
+            self.despite_events(client, copy)
 
     def despite_events(self, client, ioctl, *args):
         """An ioctl that must go through: the kernel answers EAGAIN while an event is
