@@ -115,6 +115,8 @@ class TreeSampler(threading.Thread):
         """Whether pid (a child of the tree or of the root) joins now: False while it
         cannot yet tell."""
         cmdline = _read(f"/proc/{pid}/cmdline")
+        if not cmdline:   # mid-exec (the new image's arguments are not set up yet) or gone:
+            return False  # a handler caught here would be counted for good
         if HANDLER in cmdline:
             self.left_out.add(pid)
             return False
