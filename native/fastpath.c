@@ -10,8 +10,8 @@
  *  - a write to a READONLY page: unprotected in place (the upgrade).
  * A written page's entry is stale: it is handed back to Python to release, and the page
  * becomes WRITABLE within its budget, else NORMAL (promoted). At the first message that
- * is anything else the loop stops, and Python serves that message and the rest in order,
- * as it always did. */
+ * is anything else the loop stops, and Python serves that message and the rest, the
+ * events of the read first. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
@@ -252,6 +252,15 @@ int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_regi
 				return 0;
 			continue;
 		}
+		/* The kernel lets the thread behind an event go on once the event is read: a
+		 * REMOVE's pages are zapped while we serve the faults read with it (the kernel
+		 * puts faults first), and a page installed then would outlive its free. So the
+		 * events of a read come first, and Python serves them with its faults. */
+		for (int i = 0; i < n; i++)
+			if (m[i].event != UFFD_EVENT_PAGEFAULT) {
+				call->nmsgs = n;
+				return 0;
+			}
 		for (int i = 0; i < n; i++) {
 			int rc = served < call->max_faults ? serve(uffd, pool, regions, nregions, &m[i], call) : 0;
 			served += rc > 0;

@@ -257,8 +257,14 @@ class Handler(Requests):
                 self.repeats.warn(client, f"serving its uffd failed unexpectedly: {e!r}",
                                   exc_info=True)
                 return self.wake_all(client)
-            # tuples, not views: nested drains (await_agent) reuse self.msgs
-            batch = self.msgs[first:n][["event", "arg0", "arg1", "arg2"]].tolist()
+            # tuples, not views: nested drains (await_agent) reuse self.msgs. The events
+            # first: the kernel lets a thread that freed pages go on as soon as its event
+            # is read, and a page of those installed for a fault read with it (the kernel
+            # puts faults first) would outlive the free (fastpath.c stops for the same).
+            msgs = self.msgs[first:n]
+            faults = msgs["event"] == EVENT_PAGEFAULT
+            batch = np.concatenate((msgs[~faults], msgs[faults]))[
+                ["event", "arg0", "arg1", "arg2"]].tolist()
             if batch or served:
                 self.fast_wake.fault()
             for region in served:

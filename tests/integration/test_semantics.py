@@ -14,6 +14,9 @@ CHECKS = {
     "madv-dontneed": "MADV_DONTNEED of pages read back and pages on the node, and of one "
                      "page apart: zeros there through three rounds of demotion, the rest "
                      "kept",
+    "dontneed-ahead": "every fourth page freed with MADV_DONTNEED by a thread just ahead "
+                      "of another that reads the demoted buffer in order (its faults bring "
+                      "runs in): the freed pages read zeros, the rest kept; 16 rounds",
     "dontfork": "MADV_DONTFORK middle third: not mapped in a forked child (mincore: "
                 "ENOMEM), the rest as the parent wrote it; after MADV_DOFORK the child has "
                 "it all",

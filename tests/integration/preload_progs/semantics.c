@@ -3,7 +3,7 @@
  * of part of a mapping, the heap shrunk and grown with sbrk, MAP_POPULATE, a signal
  * handler on an alternate stack, threads started before main, vfork and posix_spawn, a
  * mapping moved by mremap with a new one made where it was.
- * usage: semantics madv-free|madv-dontneed|dontfork|wipeonfork|mprotect-split|
+ * usage: semantics madv-free|madv-dontneed|dontneed-ahead|dontfork|wipeonfork|mprotect-split|
  *                  brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn|
  *                  mremap-reuse|munmap-in-flight [--demoted] */
 #include "common.c"
@@ -151,6 +151,63 @@ static void check_madv_dontneed(void)
 	expect_range("the head", m, 0, from, 1);
 	expect_range("the range advised MADV_DONTNEED, rewritten", m, from, to, 2);
 	expect_range("the tail", m, to, lone, 1);
+	munmap(m, SIZE);
+}
+
+/* MADV_DONTNEED of single pages by one thread just ahead of another that reads the
+ * demoted mapping in order: the reader's faults bring runs of pages in (fault-around)
+ * that reach the pages being freed, and the kernel lets the freeing thread go on as soon
+ * as the node has read its REMOVE event. A freed page reads zeros from then on, never
+ * the copy the node had of it; every other page keeps its bytes. 16 rounds. */
+#define AHEAD_EVERY 4 /* pages p with p % AHEAD_EVERY == AHEAD_EVERY - 1 are freed */
+#define AHEAD_LEAD 3  /* ... when the reader is this many pages before them */
+
+struct ahead {
+	char *buf;
+	volatile size_t at; /* the page the reader is on */
+	volatile int done;
+};
+
+static void *free_ahead_main(void *arg)
+{
+	struct ahead *h = arg;
+	for (size_t p = AHEAD_EVERY - 1; p < SIZE / PAGE; p += AHEAD_EVERY) {
+		while (h->at + AHEAD_LEAD < p && !h->done)
+			;
+		advise(h->buf + p * PAGE, PAGE, MADV_DONTNEED, "MADV_DONTNEED");
+	}
+	return NULL;
+}
+
+static void check_dontneed_ahead(void)
+{
+	char *m = map(SIZE, 0);
+	for (uint64_t round = 1; round <= 16; round++) {
+		fill(m, SIZE, round);
+		require_demoted("the buffer", m, SIZE);
+		struct ahead h = { m, 0, 0 };
+		pthread_t t;
+		if (pthread_create(&t, NULL, free_ahead_main, &h))
+			die(2, "pthread_create failed");
+		uint64_t sum = 0;
+		for (size_t p = 0; p < SIZE / PAGE; p++) {
+			h.at = p;
+			sum += *(volatile uint64_t *)(m + p * PAGE + 8 * (round % 512));
+		}
+		h.done = 1;
+		pthread_join(t, NULL);
+		__asm__ volatile("" : : "r"(sum));
+		for (size_t p = 0; p < SIZE / PAGE; p++) {
+			size_t from = p * PAGE, to = from + PAGE;
+			if (p % AHEAD_EVERY != AHEAD_EVERY - 1)
+				expect_range("a page kept", m, from, to, round);
+			else if (!range_is_zero(m, from, to))
+				fail("round %" PRIu64 ": page %zu, freed with MADV_DONTNEED while the "
+				     "reader's faults came near, is not zeros (%s)", round, p,
+				     range_is(m, from, to, round) ? "the node's copy of it came back"
+								  : "unknown bytes");
+		}
+	}
 	munmap(m, SIZE);
 }
 
@@ -609,6 +666,7 @@ static void check_mremap_reuse(void)
 static const struct check checks[] = {
 	{ "madv-free", check_madv_free },
 	{ "madv-dontneed", check_madv_dontneed },
+	{ "dontneed-ahead", check_dontneed_ahead },
 	{ "dontfork", check_dontfork },
 	{ "wipeonfork", check_wipeonfork },
 	{ "mprotect-split", check_mprotect_split },
