@@ -12,12 +12,15 @@
 #define UFC_PAGE_SIZE 4096
 #define UFC_MAX_FDS 8
 
-/* page states of pagetable.py that fastpath.c reads and writes */
+/* The page states: the one list, which pagetable.py takes from here (their meaning is
+ * there) and fastpath.c reads and writes in the page tables' state arrays. */
 #define UFC_STATE_UNTOUCHED 0
 #define UFC_STATE_NORMAL 1
+#define UFC_STATE_DEMOTING 2
 #define UFC_STATE_DEMOTED 3
 #define UFC_STATE_READONLY 4
 #define UFC_STATE_WRITABLE 5
+#define UFC_NSTATES 6
 
 #define UFC_AGENT_MAGIC 0x55464341u /* "UFCA" */
 #define UFC_AGENT_MAX_RUNS 256

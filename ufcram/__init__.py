@@ -10,9 +10,8 @@ from .errors import (  # noqa: F401
 )
 
 __version__ = "0.1.0"
-PAGE_SIZE = 4096
 
-_LAZY = {"Region": "region", "Node": "node", "Pool": "pool"}
+_LAZY = {"Region": "region", "Node": "node", "Pool": "pool", "PAGE_SIZE": "pagetable"}
 
 
 def __getattr__(name):

@@ -4,6 +4,7 @@ table with a note on what was measured, and the optional PNG chart.
 import importlib.util
 
 from .bench_work import MiB, TITLES, WORKLOADS
+from .pagetable import PAGE_SIZE
 
 # (workload, what, target ratio ufcram/zram, higher is better)
 TARGETS = (("seq_scan", "pages/s", 1.5), ("random_read", "pages/s", 1.0),
@@ -97,8 +98,9 @@ def _floor(floor):
 def _header(report):
     plan, floor, z = report["plan"], report["floor"], report["zram"]
     pages, limit = plan["pages"], plan["limit_pages"]
-    lines = [f"ufcram bench: working set {pages * 4096 / MiB:g} MiB ({pages} pages), resident "
-             f"limit {limit * 4096 / MiB:g} MiB ({limit} pages), same seeded data on both sides"]
+    lines = [f"ufcram bench: working set {pages * PAGE_SIZE / MiB:g} MiB ({pages} pages), "
+             f"resident limit {limit * PAGE_SIZE / MiB:g} MiB ({limit} pages), same seeded "
+             "data on both sides"]
     lines.append("  floor, a bare userfaultfd round trip in C (fault in one thread, UFFDIO_COPY in "
                  "another):\n    " + _floor(floor))
     if report.get("floor_fast_wake"):
@@ -182,7 +184,7 @@ def plot(report, path):
         ax.set_xticks(list(x), names, rotation=15, ha="right", fontsize=8)
         ax.set_ylabel("ufcram / zram")
         ax.legend()
-    ax.set_title(f"ufcram bench: working set {report['plan']['pages'] * 4096 / MiB:g} MiB")
+    ax.set_title(f"ufcram bench: working set {report['plan']['pages'] * PAGE_SIZE / MiB:g} MiB")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

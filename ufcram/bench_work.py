@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from .pagetable import PAGE_SIZE
 MiB = 1 << 20
 CHUNK = 4096          # accesses per timed chunk; progress is printed between chunks
 REDEMOTE_ROUNDS = 3

@@ -4,19 +4,25 @@ A page is in exactly one state; the handler moves it on faults and policy decisi
 """
 import numpy as np
 
+from ._shim import lib
 from .errors import RegionError
 
-PAGE_SIZE = 4096
+# The page and its states are C's (native/ufcram_native.h), one list for both sides.
+PAGE_SIZE = lib.UFC_PAGE_SIZE
 
-UNTOUCHED = 0   # never populated (or freed): reads as zeros, costs nothing
-NORMAL = 1      # present and writable: normal memory
-DEMOTING = 2    # in flight to the node: write-protected, being copied out or dropped
-DEMOTED = 3     # absent from memory; its bytes live in the pool entry (CRAM entry)
-READONLY = 4    # mapped read-only from the node; the pool entry is kept, so a clean
-                # page can be demoted again by dropping it, without recompression
-WRITABLE = 5    # writable on the node under the write budget; its stale entry reaped
+UNTOUCHED = lib.UFC_STATE_UNTOUCHED   # never populated (or freed): reads as zeros
+NORMAL = lib.UFC_STATE_NORMAL         # present and writable: normal memory
+DEMOTING = lib.UFC_STATE_DEMOTING     # in flight to the node: write-protected, being
+                                      # copied out or dropped
+DEMOTED = lib.UFC_STATE_DEMOTED       # absent from memory; its bytes live in the pool
+                                      # entry (CRAM entry)
+READONLY = lib.UFC_STATE_READONLY     # mapped read-only from the node; the entry is
+                                      # kept, so a clean page is demoted again by a drop
+WRITABLE = lib.UFC_STATE_WRITABLE     # writable on the node under the write budget;
+                                      # its stale entry reaped
 STATE_NAMES = ("untouched", "normal", "demoting", "demoted", "readonly", "writable")
-PRESENT = np.array([False, True, True, False, True, True])   # mapped in the application
+PRESENT = np.zeros(lib.UFC_NSTATES, bool)   # by state: mapped in the application
+PRESENT[[NORMAL, DEMOTING, READONLY, WRITABLE]] = True
 
 NO_ENTRY = -1
 

@@ -9,8 +9,7 @@ import numbers
 import numpy as np
 
 from .errors import UfcramError
-
-PAGE_SIZE = 4096
+from .pagetable import PAGE_SIZE
 ENTRY_OVERHEAD = 32          # pool bytes an entry costs besides its compressed bytes
 TAIL_PERCENTILE = 99.99999   # the write budget's view of "the worst page we will see"
 

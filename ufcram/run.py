@@ -14,7 +14,6 @@ import time
 from .errors import UfcramError
 from .reach import unreachable
 
-PAGE = 4096
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # passed on to the program when a process sends them to `ufcram run` (forward_until_exit)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -116,6 +115,7 @@ def mib(n):
 
 def summary(argv, status, seconds, gone, peak):
     """The lines printed after the program ends (on stderr: stdout is the program's)."""
+    from .pagetable import PAGE_SIZE as PAGE   # numpy: imported late, as in main()
     name = os.path.basename(argv[0])
     how = (f"exited with status {os.waitstatus_to_exitcode(status)}" if os.WIFEXITED(status)
            else f"was killed by signal {os.WTERMSIG(status)} "

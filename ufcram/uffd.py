@@ -8,8 +8,7 @@ import numpy as np
 
 from ._shim import ffi, lib
 from .errors import UffdError, UffdPermissionError, UffdRetry, UffdUnsupportedError
-
-PAGE_SIZE = 4096
+from .pagetable import PAGE_SIZE
 
 # A uffd_msg is 32 packed bytes; the meaning of arg0..arg2 depends on the event:
 # PAGEFAULT (flags, address, ptid), FORK (ufd), REMAP (from, to, len), REMOVE/UNMAP (start, end).

@@ -1,5 +1,7 @@
 """What the fault fast path relies on, without a kernel: the state codes it writes,
 the pool layout it loads entries by, and the lz4 function it decompresses with."""
+import mmap
+
 import numpy as np
 import pytest
 
@@ -13,11 +15,17 @@ from .test_pool import make_page, rows
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_native_state_codes_are_the_page_tables():
-    assert (lib.UFC_STATE_UNTOUCHED, lib.UFC_STATE_NORMAL, lib.UFC_STATE_DEMOTED,
-            lib.UFC_STATE_READONLY, lib.UFC_STATE_WRITABLE) == \
-        (pagetable.UNTOUCHED, pagetable.NORMAL, pagetable.DEMOTED, pagetable.READONLY,
-         pagetable.WRITABLE)
+def test_page_states_and_size_are_one_list_shared_with_c():
+    """The page tables take their states and page size from ufcram_native.h: the codes
+    are pinned (the names, the presence mask and the tallies are indexed by them), and
+    the page is this machine's."""
+    codes = {name: getattr(lib, f"UFC_STATE_{name.upper()}") for name in pagetable.STATE_NAMES}
+    assert codes == {"untouched": 0, "normal": 1, "demoting": 2, "demoted": 3,
+                     "readonly": 4, "writable": 5}
+    assert lib.UFC_NSTATES == len(pagetable.STATE_NAMES)
+    assert [name for name, code in codes.items() if pagetable.PRESENT[code]] == \
+        ["normal", "demoting", "readonly", "writable"]
+    assert pagetable.PAGE_SIZE == lib.UFC_PAGE_SIZE == mmap.PAGESIZE
 
 
 def load_by_layout(pool, handle, decompress):
