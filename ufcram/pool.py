@@ -1,22 +1,21 @@
 """Compressed-capacity pool: the CRAM node's storage, where demoted 4 KiB pages live.
 Pages are lz4-compressed into mmap-backed numpy arenas split by size class (zsmalloc-like).
 """
-import math
 import mmap
 import sys
 import threading
-from fractions import Fraction
 
 import lz4.block
 import numpy as np
 
+from .accounting import Accounting, checked_capacity
+from .compaction import Compaction
 from .errors import PoolError, PoolFullError
+from .pagetable import PAGE_SIZE
 
-PAGE_SIZE = 4096
 HANDLE_NONE = -1
 CLASS_STEP = 32          # slot size step: mean internal waste 16 bytes per entry
-PERCENTILES = (50, 90, 99, 99.9, 99.99, 99.999, 99.9999, 99.99999)
-_OFF = 0xFFFFFFFF
+_OFF = 0xFFFFFFFF        # an entry's location: arena << 32 | its byte offset (this part)
 _compress, _decompress = lz4.block.compress, lz4.block.decompress
 
 
@@ -25,13 +24,7 @@ def _pg(nbytes):
     return -(-nbytes // PAGE_SIZE) * PAGE_SIZE
 
 
-def _capacity(value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise PoolError(f"capacity must be a non-negative int, got {value!r}")
-    return int(value)
-
-
-class Pool:
+class Pool(Compaction, Accounting):
     """Compressed pages under a physical byte limit. Single-owner: see transfer_owner().
 
     A handle indexes per-entry numpy arrays: ``_location`` (int64: arena << 32 | byte offset, or
@@ -49,6 +42,7 @@ class Pool:
     arena, and a 32 KiB histogram. Python objects per class and per arena (~0.3 KiB per
     2 MiB arena) are not counted.
     """
+    OFFSET_MASK = _OFF
 
     def __init__(self, capacity, *, arena_size=2 << 20, huge_threshold=3072):
         if (not isinstance(arena_size, int) or not PAGE_SIZE <= arena_size <= 1 << 32
@@ -57,7 +51,7 @@ class Pool:
         if not isinstance(huge_threshold, int) or not 0 < huge_threshold <= PAGE_SIZE:
             raise PoolError(f"huge_threshold must be an int in 1..{PAGE_SIZE}")
         self._owner = threading.get_ident()
-        self._capacity_bytes = _capacity(capacity)
+        self._capacity_bytes = checked_capacity(capacity)
         self._arena_size, self._huge_threshold = arena_size, min(huge_threshold, PAGE_SIZE - 1)
         self._huge_class = -(-huge_threshold // CLASS_STEP)   # raw pages: the last class
         self._slot_size = [min((c + 1) * CLASS_STEP, PAGE_SIZE)
@@ -383,131 +377,3 @@ class Pool:
             self._peak = max(self._peak, self._arena_bytes + self._meta)
         self._free_slots[c][top] = loc
         self._free_top[c] = top + 1
-
-    def compact(self):
-        """Move entries out of the sparsest arenas into free slots of their class and unmap
-        the emptied arenas (the node's TRIM). Handles stay valid. Returns bytes released."""
-        self._own()
-        before = self._arena_bytes
-        live = np.flatnonzero(self._size[:self._handles_issued] > 0)
-        arenas = self._location[live] >> 32
-        alive = np.bincount(arenas, minlength=len(self._arena_class))
-        plans = [(c, v) for c in range(len(self._slot_size)) if len(v := self._victims(c, alive))]
-        if not plans:
-            return 0
-        moving = np.isin(arenas, np.concatenate([v for _, v in plans]))
-        hs, hcls = live[moving], self._arena_class[arenas[moving]]
-        for c, victims in plans:
-            self._evacuate(c, victims, hs[hcls == c])
-            for a in victims.tolist():
-                self._release(a)
-        return before - self._arena_bytes
-
-    def _victims(self, c, alive):
-        """Sparsest arenas of class c whose entries fit in the free slots of the others."""
-        ids = np.flatnonzero(self._arena_class == c)
-        ids = ids[np.argsort(alive[ids], kind="stable")]
-        live = alive[ids]
-        moved = np.concatenate(([0], np.cumsum(live)))
-        room = np.concatenate((np.cumsum((self._slots_per_arena[c] - live)[::-1])[::-1], [0]))
-        return ids[:np.count_nonzero(moved <= room) - 1]
-
-    def _evacuate(self, c, victims, hs):
-        stack = self._free_slots[c][:self._free_top[c]]
-        dst = stack[~np.isin(stack >> 32, victims)]
-        m = len(hs)
-        self._free_top[c] = 0          # so that _slot() below bumps instead of popping
-        # the victims were chosen so that this bumps only into a kept current arena
-        extra = [self._slot(c, limit=False) for _ in range(m - len(dst))]
-        dst, keep = np.concatenate((dst, np.array(extra, np.int64))), dst[m:]
-        self._free_slots[c] = self._resize(self._free_slots[c], max(len(keep) * 3 // 2, 64))
-        self._free_slots[c][:len(keep)] = keep
-        self._free_top[c] = len(keep)
-        dst, mvs = dst[:m], self._arena_view
-        for s, d, n in zip(self._location[hs].tolist(), dst.tolist(), self._size[hs].tolist()):
-            so, do = s & _OFF, d & _OFF
-            mvs[d >> 32][do:do + n] = mvs[s >> 32][so:so + n]
-        self._location[hs] = dst
-        self._compacted += m
-
-    # --- capacity and stats ---
-    @property
-    def capacity(self):
-        """Byte limit of arena memory; settable at run time, also below current use."""
-        self._own()
-        return self._capacity_bytes
-
-    @capacity.setter
-    def capacity(self, value):
-        self._own()
-        self._capacity_bytes = _capacity(value)
-
-    @property
-    def over_capacity(self):
-        """True when arena memory exceeds capacity: stores needing new memory are refused."""
-        self._own()
-        return self._arena_bytes > self._capacity_bytes
-
-    @property
-    def mem_used_total(self):
-        """Physical use (arena_bytes + metadata) in O(1), for decisions on the fault path."""
-        self._own()
-        return self._arena_bytes + self._meta
-
-    def sizes(self, handles):
-        """Stored bytes of each entry (0: same-filled, held in its handle alone)."""
-        return self._size[np.asarray(handles, np.int64)]
-
-    def orphans(self, held):
-        """Live handles not among `held` (what the page tables refer to): entries nothing
-        can reach any more, for the handler's periodic reconciliation."""
-        self._own()
-        held = np.asarray(held, np.int64)
-        live = np.flatnonzero(self._size[:self._handles_issued] >= 0)
-        return np.setdiff1d(live, held[held >= 0], assume_unique=False)
-
-    def __len__(self):
-        self._own()
-        return self._handles_issued - self._handles_free
-
-    def __contains__(self, handle):
-        self._own()
-        try:
-            self._handle(handle)
-        except PoolError:
-            return False
-        return True
-
-    def ratio_percentile(self, q):
-        """Per-page compression ratio at percentile q in [0, 100] (nearest rank) over every
-        page ever stored. Ratio = stored bytes / 4096: 0 same-filled, 1.0 stored raw;
-        larger is worse. 1.0, the pessimistic value, before any store."""
-        self._own()
-        if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) \
-                or not 0 <= q <= 100:
-            raise PoolError(f"percentile must be a number in [0, 100], got {q!r}")
-        ratio = self._percentiles.get(q)
-        if ratio is None:
-            ratio = self._percentiles[q] = self._percentile(q)
-        return ratio
-
-    def _percentile(self, q):
-        total = int(self._size_histogram.sum())
-        if not total:
-            return 1.0
-        rank = max(1, math.ceil(Fraction(str(float(q))) * total / 100))
-        return int(np.searchsorted(np.cumsum(self._size_histogram), rank)) / PAGE_SIZE
-
-    def stats(self):
-        """zram-style counters (mem_used_total: see the class docstring), in O(1)."""
-        self._own()
-        used, live = self.mem_used_total, len(self)
-        return {
-            "orig_data_size": live * PAGE_SIZE, "compr_data_size": self._live_bytes,
-            "mem_used_total": used, "mem_limit": self._capacity_bytes,
-            "mem_used_max": max(self._peak, used),
-            "same_pages": self._live_same, "pages_compacted": self._compacted,
-            "huge_pages": self._live_huge, "pages_stored": live,
-            "arena_bytes": self._arena_bytes, "meta_bytes": self._meta,
-            "ratio_percentiles": {f"p{q}": self.ratio_percentile(q) for q in PERCENTILES},
-        }
