@@ -1,13 +1,15 @@
 # Only here because cffi's build hook is a setup() keyword, and the preload library is
 # a plain C extension (never imported: `ufcram run` puts it in LD_PRELOAD). Metadata is
 # in pyproject.toml.
+import runpy
+from pathlib import Path
+
 from setuptools import Extension, setup
 
+NATIVE = Path(__file__).resolve().parent / "native"
 preload = Extension(
     "ufcram._preload",
-    sources=["native/preload.c", "native/coverage.c", "native/nodelink.c", "native/uffd.c",
-             "native/agent.c", "native/own.c", "native/fallback.c",
-             "native/dropped.c"],
+    sources=[f"native/{s}" for s in runpy.run_path(str(NATIVE / "sources.py"))["PRELOAD"]],
     include_dirs=["native"],
     # hidden: only the mapping calls it watches are exported, so its copy of the shim
     # never shadows ufcram._shim in a Python program run under it

@@ -80,7 +80,7 @@ UFC_HIDDEN int spans_move(struct spans *s, uint64_t from, uint64_t to, uint64_t 
 UFC_HIDDEN int spans_copy(struct spans *dst, const struct spans *src);
 UFC_HIDDEN void spans_sort(struct span *v, size_t n);
 
-/* --- the two threads' shared state (agent.c, fallback.c) ----------------------------- */
+/* --- the two threads' shared state (agent.c, adopted.c, fallback.c) ----------------- */
 struct agent {
 	int uffd;       /* a descriptor of our own: the application may close its own */
 	int app_uffd;   /* the application's, to see when it lets the uffd go */
@@ -102,8 +102,21 @@ struct agent {
 	int adopted[AGENT_MAX_ADOPTED];
 };
 
+/* One command and the descriptors that came with it; what it does not keep, the
+ * caller closes, so a malformed command leaks nothing into the application. */
+struct received {
+	ssize_t n;
+	int cut;   /* the command or its descriptors did not fit */
+	int nfds;
+	int fds[UFC_MAX_FDS];
+};
+
 UFC_HIDDEN void agent_put(struct agent *a);
+UFC_HIDDEN void close_received(struct received *r);
+/* adopted.c: the commands kept for after a handler death */
 UFC_HIDDEN void release_exited(struct agent *a);
+UFC_HIDDEN void adopt_child(struct agent *a, const struct ufc_agent_cmd *cmd, struct received *r);
+UFC_HIDDEN void moved(struct agent *a, const struct ufc_agent_cmd *cmd, struct received *r);
 UFC_HIDDEN void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 UFC_HIDDEN void vsay(const char *fmt, va_list ap);
 UFC_HIDDEN void *watch_main(void *arg);
