@@ -11,7 +11,8 @@
  * A written page's entry is stale: it is handed back to Python to release, and the page
  * becomes WRITABLE within its budget, else NORMAL (promoted). At the first message that
  * is anything else the loop stops, and Python serves that message and the rest, the
- * events of the read first. */
+ * events of the read first; nothing is installed here where an event of the read frees
+ * (struct read). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
@@ -149,12 +150,15 @@ static void written(struct ufc_region_view *r, int64_t page, struct ufc_fault_ca
 	r->state[page] = state;
 }
 
+/* before_free: pages from page on that no free of this read covers (at least 1) */
 static int64_t restore_read(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *r,
-			    int64_t page, struct ufc_fault_call *call)
+			    int64_t page, int64_t before_free, struct ufc_fault_call *call)
 {
 	int64_t most = headroom(r, call, call->bounce_pages);
 	if (most <= 0)   /* at a limit already (a demotion is in flight): the page alone */
 		most = 1;
+	if (most > before_free)
+		most = before_free;
 	int64_t window, count = run_length(r, page, most, &window), loaded = 0;
 	while (loaded < count && load_entry(pool, r->entry[page + loaded],
 					    call->bounce + loaded * UFC_PAGE_SIZE) == 0)
@@ -193,10 +197,35 @@ static int upgrade(int uffd, struct ufc_region_view *r, int64_t page, struct ufc
 	return 1;
 }
 
+/* The messages of one read. The kernel lets the thread behind a REMOVE or UNMAP event go
+ * on, and zap the range, as soon as the event is read, while we serve the faults read
+ * with it (the kernel hands faults out first): a page installed in that range before
+ * Python has its books told of the free would outlive it. */
+struct read {
+	const struct uffd_msg *m;
+	int n;
+};
+
+/* The first address from addr on that a free of this read covers; UINT64_MAX if none. */
+static uint64_t first_freed(const struct read *rd, uint64_t addr)
+{
+	uint64_t first = UINT64_MAX;
+	for (int i = 0; i < rd->n; i++) {
+		const struct uffd_msg *e = &rd->m[i];
+		if ((e->event != UFFD_EVENT_REMOVE && e->event != UFFD_EVENT_UNMAP) ||
+		    e->arg.remove.end <= addr)
+			continue;
+		uint64_t at = e->arg.remove.start > addr ? e->arg.remove.start : addr;
+		first = at < first ? at : first;
+	}
+	return first;
+}
+
 /* 0 if the fault is Python's to serve; 1 if it was served, 2 if that left its region
  * or the client over a resident limit (Python is to demote now). */
 static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
-		 int nregions, const struct uffd_msg *m, struct ufc_fault_call *call)
+		 int nregions, const struct uffd_msg *m, const struct read *rd,
+		 struct ufc_fault_call *call)
 {
 	uint64_t flags = m->arg.pagefault.flags;
 	if (m->event != UFFD_EVENT_PAGEFAULT || flags & UFFD_PAGEFAULT_FLAG_MINOR)
@@ -205,8 +234,12 @@ static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_v
 	int at = region_of(regions, nregions, addr);
 	if (at < 0)
 		return 0;
+	uint64_t freed = first_freed(rd, addr);
+	if (freed == addr)   /* its page is being freed: Python's, after the free */
+		return 0;
 	struct ufc_region_view *r = regions[at];
 	int64_t page = (int64_t)((addr - r->base) / UFC_PAGE_SIZE), restored = 0;
+	int64_t before_free = (int64_t)((freed - addr) / UFC_PAGE_SIZE);
 	uint8_t state = r->state[page];
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
 		if (state != UFC_STATE_READONLY || !upgrade(uffd, r, page, call))
@@ -215,7 +248,8 @@ static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_v
 		return 0;
 	} else {
 		restored = flags & UFFD_PAGEFAULT_FLAG_WRITE ? restore_write(uffd, pool, r, page, call)
-							     : restore_read(uffd, pool, r, page, call);
+							     : restore_read(uffd, pool, r, page,
+									    before_free, call);
 		if (!restored)
 			return 0;
 	}
@@ -252,17 +286,18 @@ int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_regi
 				return 0;
 			continue;
 		}
-		/* The kernel lets the thread behind an event go on once the event is read: a
-		 * REMOVE's pages are zapped while we serve the faults read with it (the kernel
-		 * puts faults first), and a page installed then would outlive its free. So the
-		 * events of a read come first, and Python serves them with its faults. */
+		/* Faults are served here around what the read's frees cover (struct read); a
+		 * fork or an mremap among them and the whole read is Python's, which serves
+		 * every read's events before its faults. */
+		struct read rd = { m, n };
 		for (int i = 0; i < n; i++)
-			if (m[i].event != UFFD_EVENT_PAGEFAULT) {
+			if (m[i].event == UFFD_EVENT_FORK || m[i].event == UFFD_EVENT_REMAP) {
 				call->nmsgs = n;
 				return 0;
 			}
 		for (int i = 0; i < n; i++) {
-			int rc = served < call->max_faults ? serve(uffd, pool, regions, nregions, &m[i], call) : 0;
+			int rc = served < call->max_faults ?
+				 serve(uffd, pool, regions, nregions, &m[i], &rd, call) : 0;
 			served += rc > 0;
 			if (rc != 1) {   /* messages i..n-1 (or i+1..n-1) are Python's, in order */
 				call->nmsgs = n;

@@ -260,11 +260,13 @@ class Handler(Requests):
             # tuples, not views: nested drains (await_agent) reuse self.msgs. The events
             # first: the kernel lets a thread that freed pages go on as soon as its event
             # is read, and a page of those installed for a fault read with it (the kernel
-            # puts faults first) would outlive the free (fastpath.c stops for the same).
+            # puts faults first) would outlive the free (fastpath.c serves around those).
             msgs = self.msgs[first:n]
-            faults = msgs["event"] == EVENT_PAGEFAULT
-            batch = np.concatenate((msgs[~faults], msgs[faults]))[
-                ["event", "arg0", "arg1", "arg2"]].tolist()
+            if n - first > 1:   # (most drains leave none: this costs them nothing)
+                faults = msgs["event"] == EVENT_PAGEFAULT
+                if faults.any() and not faults.all():
+                    msgs = np.concatenate((msgs[~faults], msgs[faults]))
+            batch = msgs[["event", "arg0", "arg1", "arg2"]].tolist()
             if batch or served:
                 self.fast_wake.fault()
             for region in served:
