@@ -11,8 +11,6 @@
 #include "agent_internal.h"
 #include "coverage.h"
 
-#define NO_LIMIT UINT64_MAX
-
 /* Whether a mapping that starts at addr is registered with some uffd already: ours from
  * an earlier scan, the fork context a child inherited, or a Region of the program's own.
  * UFFDIO_CONTINUE resolves nothing on anonymous memory: it answers EINVAL where a uffd
@@ -40,10 +38,7 @@ int coverage_manage(struct coverage *c, uint64_t start, uint64_t end)
 			    (unsigned long long)start, (unsigned long long)end, strerrorname_np(-rc));
 		return 0;
 	}
-	struct __attribute__((packed)) {
-		uint64_t start, length, limit;
-		int64_t budget;
-	} reg = { start, end - start, NO_LIMIT, c->write_budget };
+	struct ufc_req_register reg = { start, end - start, UFC_PROTO_NO_LIMIT, c->write_budget };
 	rc = ufc_link_request(c->link, UFC_PROTO_REGISTER, &reg, sizeof(reg), &rid, why,
 			      sizeof(why));
 	if (rc == -EPIPE || rc == -ECONNRESET)

@@ -187,8 +187,7 @@ int ufc_link_open(struct ufc_link *link, const char *path, uint64_t staging_page
 	int memfd = start_agent(link->uffd, bytes, &handler_end);
 	if (memfd < 0)
 		return fail(why, why_len, memfd, "could not start the agent thread");
-	struct __attribute__((packed)) { uint64_t staging_bytes; int32_t flags; } hello = {
-		bytes, UFC_PROTO_HELLO_COVERS };
+	struct ufc_req_hello hello = { bytes, UFC_PROTO_HELLO_COVERS };
 	int fds[3] = { link->uffd, handler_end, memfd };
 	int rc = exchange(link, UFC_PROTO_HELLO, &hello, sizeof(hello), fds, 3, NULL, why,
 			  why_len);

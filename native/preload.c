@@ -20,8 +20,6 @@
 #include "ufcram_native.h"
 
 #define EXPORT __attribute__((visibility("default")))
-#define NO_LIMIT UINT64_MAX
-#define AUTO_BUDGET (-1)
 /* The scanner looks at the process's anonymous resident size this often, and rescans
  * its mappings when that grew by GROWTH (memory not on the node yet fills in between:
  * these bound how much), when the program maps memory, and every FULL_SCAN_MS. */
@@ -44,7 +42,7 @@ static struct {
 	char path[108];     /* the node's socket (sun_path's size) */
 	struct ufc_link link;
 	struct coverage coverage;
-} pl = { .kick = -1, .threshold = 1 << 20, .resident_limit = NO_LIMIT };
+} pl = { .kick = -1, .threshold = 1 << 20, .resident_limit = UFC_PROTO_NO_LIMIT };
 
 static int debug_on(void)
 {
@@ -124,9 +122,7 @@ static int scan(void)
 static void set_limits(void)
 {
 	char why[256];
-	struct __attribute__((packed)) {
-		uint64_t limit, group;
-	} limits = { pl.resident_limit, pl.group };
+	struct ufc_req_limits limits = { pl.resident_limit, pl.group };
 	if (ufc_link_request(&pl.link, UFC_PROTO_LIMITS, &limits, sizeof(limits), NULL, why,
 			     sizeof(why)))
 		debug("ufcram: resident limit not set: %s\n", why);
@@ -143,7 +139,7 @@ static int join(void)
 		      why);
 		return -1;
 	}
-	if (pl.resident_limit != NO_LIMIT)
+	if (pl.resident_limit != UFC_PROTO_NO_LIMIT)
 		set_limits();
 	coverage_init(&pl.coverage, &pl.link, pl.threshold, pl.write_budget, debug_on());
 	pl.kick = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -218,11 +214,11 @@ static int read_settings(void)
 		return -1;
 	}
 	strcpy(pl.path, path);
-	pl.resident_limit = env_u64("UFCRAM_RESIDENT_LIMIT", NO_LIMIT);
+	pl.resident_limit = env_u64("UFCRAM_RESIDENT_LIMIT", UFC_PROTO_NO_LIMIT);
 	pl.group = env_u64("UFCRAM_GROUP", (uint64_t)getpid());
 	const char *budget = getenv("UFCRAM_WRITE_BUDGET");
 	pl.write_budget = !budget || !*budget || !strcmp(budget, "auto")
-				  ? AUTO_BUDGET
+				  ? UFC_PROTO_AUTO_BUDGET
 				  : (int64_t)env_u64("UFCRAM_WRITE_BUDGET", 0);
 	pl.staging_pages = env_u64("UFCRAM_STAGING_PAGES", 256);
 	pl.user_mode_only = (int)env_u64("UFCRAM_USER_MODE_ONLY", 0);
@@ -312,7 +308,7 @@ static uint64_t locked;
 
 static int lock(const void *addr, size_t len, long nr, unsigned flags)
 {
-	if (pl.resident_limit != NO_LIMIT && __atomic_load_n(&pl.ready, __ATOMIC_ACQUIRE) &&
+	if (pl.resident_limit != UFC_PROTO_NO_LIMIT && __atomic_load_n(&pl.ready, __ATOMIC_ACQUIRE) &&
 	    __atomic_load_n(&locked, __ATOMIC_RELAXED) + len > pl.resident_limit) {
 		errno = ENOMEM;
 		return -1;

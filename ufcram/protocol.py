@@ -32,11 +32,13 @@ HELLO_COVERS = lib.UFC_PROTO_HELLO_COVERS  # HELLO flag: the client covers all i
 OK = lib.UFC_PROTO_OK
 ERROR = lib.UFC_PROTO_ERROR
 
-NODE = 0xFFFFFFFF           # STATS: the node, with its largest clients
-NODE_SUMMARY = 0xFFFFFFFE   # STATS: the node's totals alone, O(1) in its entries
-NO_LIMIT = (1 << 64) - 1   # REGISTER: no resident limit
-AUTO_BUDGET = -1           # REGISTER: write budget "auto"
+NODE = lib.UFC_PROTO_NODE                  # STATS: the node, with its largest clients
+NODE_SUMMARY = lib.UFC_PROTO_NODE_SUMMARY  # STATS: the node's totals alone, O(1)
+NO_LIMIT = lib.UFC_PROTO_NO_LIMIT          # REGISTER, LIMITS: no resident limit
+AUTO_BUDGET = lib.UFC_PROTO_AUTO_BUDGET    # REGISTER: write budget "auto"
 
+# the payload of each request, as protocol.h's structs lay it out (and the contract
+# test in tests/unit/test_protocol.py checks, field by field)
 PAYLOADS = {
     HELLO: struct.Struct("<Qi"),        # staging bytes, flags
     REGISTER: struct.Struct("<QQQq"),   # limit 2**64-1: none; budget -1: auto

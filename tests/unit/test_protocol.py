@@ -5,9 +5,44 @@ import numpy as np
 import pytest
 
 from ufcram import protocol as P
+from ufcram._shim import ffi
 from ufcram.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(10)
+
+
+# each request's payload struct in native/protocol.h, its fields in order, and values
+# that fill every byte of each field (high bits too)
+C_PAYLOADS = {
+    P.HELLO: ("ufc_req_hello", ("staging_bytes", "flags"), (1 << 40 | 3, -2)),
+    P.REGISTER: ("ufc_req_register", ("start", "length", "resident_limit", "write_budget"),
+                 (0x7F12_3456_7000, 1 << 33, P.NO_LIMIT, P.AUTO_BUDGET)),
+    P.UNREGISTER: ("ufc_req_unregister", ("region", "restore"), (0xFEDC_BA98, 1)),
+    P.DEMOTE: ("ufc_req_demote", ("region", "offset", "length"),
+               (0x8000_0001, 1 << 45, (1 << 50) + 4096)),
+    P.STATS: ("ufc_req_stats", ("region",), (P.NODE_SUMMARY,)),
+    P.SET_CAPACITY: ("ufc_req_set_capacity", ("capacity",), ((1 << 63) + 5,)),
+    P.LIMITS: ("ufc_req_limits", ("resident_limit", "group"), (P.NO_LIMIT, 0xABCD_0123_4567)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(set(P.PAYLOADS) - {P.PING}))
+def test_payloads_are_the_c_structs_the_preload_library_sends(op):
+    """The contract between protocol.py's formats and protocol.h's structs: the same size,
+    and each field, packed by Python, reads back through the C layout."""
+    name, fields, values = C_PAYLOADS[op]
+    layout = P.PAYLOADS[op]
+    assert layout.size == ffi.sizeof(f"struct {name}")
+    assert [f for f, _ in ffi.typeof(f"struct {name}").fields] == list(fields)
+    packed = bytearray(layout.pack(*values))
+    struct = ffi.cast(f"struct {name} *", ffi.from_buffer(packed))
+    assert tuple(getattr(struct, f) for f in fields) == values
+    assert P.unpack_request(op, bytes(packed)) == values
+
+
+def test_every_request_with_a_payload_has_its_c_struct():
+    assert set(C_PAYLOADS) == set(P.PAYLOADS) - {P.PING}
+    assert P.PAYLOADS[P.PING].size == 0
 
 
 def test_round_trip():
