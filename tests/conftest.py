@@ -6,6 +6,11 @@ import sys
 
 import pytest
 
+# Every page-state move is checked against the state machine (pagetable.LEGAL), here and
+# in every handler the tests start (they inherit it): an illegal one raises where it
+# happens instead of being made.
+os.environ.setdefault("UFCRAM_CHECK_STATES", "1")
+
 
 def _uffd_unavailable():
     if not sys.platform.startswith("linux"):

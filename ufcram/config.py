@@ -62,6 +62,9 @@ SETTINGS = {s.name: s for s in (
             "open userfaultfd with UFFD_USER_MODE_ONLY (no grant needed; system calls "
             "touching demoted pages then fail with EFAULT)"),
     Setting("UFCRAM_DEBUG", "0/1", 0, "log handler decisions to stderr"),
+    Setting("UFCRAM_CHECK_STATES", "0/1", 0,
+            "refuse (raise StateError) any page-state move the state machine does not "
+            "allow, instead of making it: the test suite runs so"),
     Setting("UFCRAM_NODE", "path", "none",
             "socket of a running node (`ufcram node`) that `ufcram run` and the preload "
             "library join; `ufcram run` starts a private node when it is unset"),

@@ -43,6 +43,11 @@ class RegionClosedError(RegionError):
     """The region was used after close()."""
 
 
+class StateError(UfcramError):
+    """A page-state move the state machine does not allow: a bug of ufcram's, refused
+    (rather than made) where UFCRAM_CHECK_STATES=1, as in the test suite."""
+
+
 class HandlerError(UfcramError):
     """The fault handler refused a request or is gone."""
 

@@ -4,8 +4,9 @@ A page is in exactly one state; the handler moves it on faults and policy decisi
 """
 import numpy as np
 
+from . import config
 from ._shim import lib
-from .errors import RegionError
+from .errors import RegionError, StateError
 
 # The page and its states are C's (native/ufcram_native.h), one list for both sides.
 PAGE_SIZE = lib.UFC_PAGE_SIZE
@@ -25,6 +26,23 @@ PRESENT = np.zeros(lib.UFC_NSTATES, bool)   # by state: mapped in the applicatio
 PRESENT[[NORMAL, DEMOTING, READONLY, WRITABLE]] = True
 
 NO_ENTRY = -1
+
+# The moves the state machine makes, LEGAL[old, new]; any other is a bug of ours, which
+# PageTable.set refuses under UFCRAM_CHECK_STATES=1 (the test suite) and otherwise makes.
+LEGAL = np.zeros((lib.UFC_NSTATES, lib.UFC_NSTATES), bool)
+for _old, _new in {
+    UNTOUCHED: (NORMAL,),                     # first touch (zero-fill, or found in use)
+    NORMAL: (DEMOTING,),                      # a dirty demotion starts
+    WRITABLE: (NORMAL, DEMOTING),             # promoted in place; a dirty demotion
+    DEMOTING: (DEMOTED, READONLY, NORMAL, WRITABLE),  # settled, put back, left in a child
+    DEMOTED: (READONLY, WRITABLE, NORMAL, DEMOTING),  # restored; promoted; in a drop span
+    READONLY: (WRITABLE, NORMAL, DEMOTING),   # upgraded or promoted; a clean drop
+}.items():
+    LEGAL[_old, list(_new)] = True
+LEGAL[:, UNTOUCHED] = True   # freed (madvise, munmap, forgotten), in flight or not
+LEGAL[np.arange(lib.UFC_NSTATES), np.arange(lib.UFC_NSTATES)] = True   # no move at all,
+LEGAL[DEMOTING, DEMOTING] = False   # but a page in flight is never put in flight again
+CHECK_STATES = bool(config.get("UFCRAM_CHECK_STATES"))
 
 
 class SharedTally:
@@ -63,6 +81,8 @@ class PageTable:
 
     def set(self, pages, state):
         """Move one page, or an array of distinct pages, to state."""
+        if CHECK_STATES:
+            self.check_move(pages, state)
         shared = self.shared
         if isinstance(pages, (int, np.integer)):   # a fault's page: no numpy reductions
             tally, old = self.tally, self.state[pages]
@@ -78,6 +98,17 @@ class PageTable:
                 shared.pages += len(pages) * int(state == shared.state) - \
                     int(before[shared.state])
         self.state[pages] = state
+
+    def check_move(self, pages, state):
+        """StateError unless every page of pages may move to state (LEGAL)."""
+        old = np.atleast_1d(self.state[pages])
+        bad = ~LEGAL[old, state]
+        if bad.any():
+            which = np.atleast_1d(np.arange(self.npages)[pages])[bad]
+            raise StateError(
+                f"{int(bad.sum())} page(s) of the region at {self.base:#x}, first {which[0]}, "
+                f"moved {STATE_NAMES[int(old[bad][0])]} -> {STATE_NAMES[state]}: not a move "
+                "of the state machine")
 
     def copy(self, base=None):
         """The same pages and entries at another base address (fork, mremap)."""

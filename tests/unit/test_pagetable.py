@@ -2,11 +2,59 @@
 import numpy as np
 import pytest
 
-from ufcram.errors import RegionError
-from ufcram.pagetable import (DEMOTED, NORMAL, PAGE_SIZE, READONLY, STATE_NAMES, WRITABLE,
-                              PageTable, SharedTally, bridged, pages_of, runs_of)
+from ufcram import pagetable
+from ufcram.errors import RegionError, StateError
+from ufcram.pagetable import (DEMOTED, DEMOTING, NORMAL, PAGE_SIZE, READONLY, STATE_NAMES,
+                              UNTOUCHED, WRITABLE, PageTable, SharedTally, bridged, pages_of,
+                              runs_of)
 
 pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.fixture
+def any_move(monkeypatch):
+    """For tests of the books (counts, copies, queries): they set states up directly, by
+    moves the state machine never makes."""
+    monkeypatch.setattr(pagetable, "CHECK_STATES", False)
+
+
+@pytest.fixture
+def checked(monkeypatch):
+    monkeypatch.setattr(pagetable, "CHECK_STATES", True)
+
+
+def test_the_moves_of_the_state_machine_go_through(checked):
+    t = PageTable(0, 4)
+    t.set(np.arange(4), NORMAL)                   # zero-fill
+    t.set(np.arange(4), DEMOTING)                 # a dirty demotion
+    t.set(np.array([0, 1, 2]), DEMOTED)           # stored
+    t.set(3, NORMAL)                              # put back (the batch failed there)
+    t.set(0, READONLY)                            # a read fault
+    t.set(1, WRITABLE)                            # a write fault, within the budget
+    t.set(np.array([0, 2]), DEMOTING)             # a clean drop, across a demoted page
+    t.set(np.array([0, 2]), DEMOTED)
+    t.set(1, NORMAL)                              # promoted in place
+    t.set(np.arange(4), UNTOUCHED)                # freed
+    assert t.counts()["untouched"] == 4
+
+
+@pytest.mark.parametrize("old,new", [(UNTOUCHED, DEMOTED), (UNTOUCHED, READONLY),
+                                     (NORMAL, READONLY), (NORMAL, DEMOTED),
+                                     (DEMOTING, DEMOTING), (READONLY, DEMOTED),
+                                     (WRITABLE, READONLY)])
+def test_other_moves_are_refused_and_change_nothing(checked, monkeypatch, old, new):
+    t = PageTable(0x40000, 4)
+    with monkeypatch.context() as m:
+        m.setattr(pagetable, "CHECK_STATES", False)
+        t.set(np.array([1, 2]), old)
+    before = t.state.copy(), t.tally.copy()
+    message = f"2 page\\(s\\) of the region at 0x40000, first 1, moved {STATE_NAMES[old]} " \
+              f"-> {STATE_NAMES[new]}"
+    with pytest.raises(StateError, match=message):
+        t.set(np.array([1, 2]), new)
+    with pytest.raises(StateError):
+        t.set(2, new)                             # a fault's page: the scalar path
+    assert np.array_equal(t.state, before[0]) and np.array_equal(t.tally, before[1])
 
 
 def test_page_range_and_addresses():
@@ -25,7 +73,7 @@ def test_bad_ranges(offset, length, message):
         PageTable(0, 8).page_range(offset, length)
 
 
-def test_clean_needs_a_node_copy_and_dirty_is_memory_only():
+def test_clean_needs_a_node_copy_and_dirty_is_memory_only(any_move):
     t = PageTable(0, 6)
     t.set(np.array([0, 1]), READONLY)
     t.entry[0] = 7                      # page 1: read-only but its entry gone
@@ -38,7 +86,7 @@ def test_clean_needs_a_node_copy_and_dirty_is_memory_only():
     assert t.dirty(pages).tolist() == [False, False, True, True, False, False]
 
 
-def test_counts_and_state_queries():
+def test_counts_and_state_queries(any_move):
     t = PageTable(0, 6)
     t.set(np.array([1, 2]), NORMAL)
     t.set(4, DEMOTED)
@@ -50,7 +98,7 @@ def test_counts_and_state_queries():
     assert t.resident == 3 and t.present().tolist() == [0, 1, 1, 0, 0, 1]
 
 
-def test_copy_moves_state_to_a_new_base():
+def test_copy_moves_state_to_a_new_base(any_move):
     t = PageTable(0x10000, 3)
     t.set(1, DEMOTED)
     t.entry[1] = 42
@@ -92,7 +140,7 @@ def test_pages_of_lists_every_page_of_the_runs():
     assert pages_of(np.empty((0, 2), np.int64)).tolist() == []
 
 
-def test_shared_tally_follows_every_change_of_its_tables():
+def test_shared_tally_follows_every_change_of_its_tables(any_move):
     rng = np.random.default_rng(9)
     shared = SharedTally(WRITABLE)
     tables = [PageTable(0x10000 * (i + 1), 64) for i in range(3)]
@@ -113,7 +161,7 @@ def test_shared_tally_follows_every_change_of_its_tables():
 
 
 @pytest.mark.parametrize("one", [True, False], ids=["a page", "pages"])
-def test_shared_tally_stays_a_plain_int_when_the_state_is_a_numpy_scalar(one):
+def test_shared_tally_stays_a_plain_int_when_the_state_is_a_numpy_scalar(any_move, one):
     """States read back from a table are numpy scalars (np.unique of a batch's states
     before a demotion failed): the count they change must stay an int, for it goes
     into the node's JSON statistics."""
