@@ -121,7 +121,11 @@ class TreeSampler(threading.Thread):
             self.left_out.add(pid)
             return False
         # a child of the launcher before its exec is still the launcher (posix_spawn and
-        # subprocess share its memory until then): look again at the next sample
+        # subprocess share its memory until then): look again at the next sample. The
+        # launcher's own cmdline is read once it has one: Popen returns at its exec, which
+        # is before the new image's arguments are set up
+        if not self.root_cmdline:
+            self.root_cmdline = _read(f"/proc/{self.root}/cmdline")
         if not self.count_root and self.parent.get(pid) == self.root \
                 and cmdline == self.root_cmdline:
             return False
