@@ -46,29 +46,6 @@ static int region_of(struct ufc_region_view *const *regions, int n, uint64_t add
 	return -1;
 }
 
-/* The page of entry h into page; 0, or -1 when the entry is not one to trust here
- * (Python then serves the fault and reports what is wrong). */
-static int load_entry(const struct ufc_pool_view *pool, int64_t h, uint8_t *page)
-{
-	if (h < 0 || h >= pool->nhandles || pool->size[h] < 0)
-		return -1;
-	int64_t size = pool->size[h], loc = pool->location[h];
-	if (size == 0) {   /* same-filled: the location is the 8-byte value */
-		for (int i = 0; i < UFC_PAGE_SIZE; i += 8)
-			memcpy(page + i, &loc, 8);
-		return 0;
-	}
-	int64_t arena = loc >> 32, offset = loc & 0xFFFFFFFF;
-	if (arena >= pool->narenas || !pool->arena[arena] || size > UFC_PAGE_SIZE)
-		return -1;
-	const char *src = (const char *)(uintptr_t)(pool->arena[arena] + (uint64_t)offset);
-	if (size == UFC_PAGE_SIZE) {   /* stored raw */
-		memcpy(page, src, UFC_PAGE_SIZE);
-		return 0;
-	}
-	return pool->decompress(src, (char *)page, (int)size, UFC_PAGE_SIZE) == UFC_PAGE_SIZE ? 0 : -1;
-}
-
 /* Pages of r resident and not in flight: what its resident limit counts. */
 static int64_t resident(const struct ufc_region_view *r)
 {
@@ -160,7 +137,7 @@ static int64_t restore_read(int uffd, const struct ufc_pool_view *pool, struct u
 	if (most > before_free)
 		most = before_free;
 	int64_t window, count = run_length(r, page, most, &window), loaded = 0;
-	while (loaded < count && load_entry(pool, r->entry[page + loaded],
+	while (loaded < count && ufc_load_entry(pool, r->entry[page + loaded],
 					    call->bounce + loaded * UFC_PAGE_SIZE) == 0)
 		loaded++;
 	uint64_t addr = r->base + (uint64_t)page * UFC_PAGE_SIZE;
@@ -179,7 +156,7 @@ static int64_t restore_read(int uffd, const struct ufc_pool_view *pool, struct u
 static int64_t restore_write(int uffd, const struct ufc_pool_view *pool,
 			     struct ufc_region_view *r, int64_t page, struct ufc_fault_call *call)
 {
-	if (load_entry(pool, r->entry[page], call->bounce) < 0 ||
+	if (ufc_load_entry(pool, r->entry[page], call->bounce) < 0 ||
 	    !install(uffd, r->base + (uint64_t)page * UFC_PAGE_SIZE, call->bounce, 1, 0))
 		return 0;
 	written(r, page, call);

@@ -36,6 +36,10 @@ struct ufc_pool_view {
     const uint64_t *arena; int64_t narenas;   /* arena base addresses, 0 if released */
     int (*decompress)(const char *src, char *dst, int src_size, int dst_capacity);
 };
+/* a pool entry read back (entries.c): the one decoder of pool.py's format */
+int ufc_load_entry(const struct ufc_pool_view *pool, int64_t h, uint8_t *page);
+int64_t ufc_load_entries(const struct ufc_pool_view *pool, const int64_t *handles, int64_t n,
+                         uint8_t *out);
 struct ufc_region_view {
     uint64_t base; uint64_t npages;
     uint8_t *state; int64_t *entry; int64_t *tally; uint8_t *referenced;

@@ -5,11 +5,9 @@ Python keeps deciding: the tables say which pages are demoted or read-only and w
 their entries are, the limits bound what comes in, the budgets' grants are handed over
 per call, and the entries of written pages come back here to be released.
 """
-import ctypes
 import logging
 import weakref
 
-import lz4.block
 import numpy as np
 
 from . import config
@@ -18,17 +16,6 @@ from .errors import UffdError
 
 log = logging.getLogger("ufcram.handler")
 MAX_FAULTS = 256   # per call: other descriptors wait at most this many faults
-
-
-def lz4_decompress():
-    """LZ4_decompress_safe of the lz4 package's extension, the library the pool
-    compresses with; None where it is not exported (faults then stay in Python)."""
-    try:
-        lib_ = ctypes.CDLL(lz4.block._block.__file__)
-        return ctypes.cast(lib_.LZ4_decompress_safe, ctypes.c_void_p).value
-    except (AttributeError, OSError) as e:
-        log.debug("no fault fast path: %s", e)
-        return None
 
 
 class RegionView:
@@ -86,12 +73,7 @@ class FastPath:
         self.msgs = msgs
         self.msgs_ptr = ffi.from_buffer(msgs)
         self.spin_ns = int(config.get("UFCRAM_SPIN_US", float) * 1000)
-        fn = lz4_decompress() if config.get("UFCRAM_FAST_PATH") else None
-        self.enabled = fn is not None
-        self.pool_view = ffi.new("struct ufc_pool_view *")
-        self.decompress = ffi.cast("int (*)(const char *, char *, int, int)", fn or 0)
-        self.pool_generation = None
-        self.pool_arrays = None
+        self.enabled = bool(config.get("UFCRAM_FAST_PATH"))
         self.clients = weakref.WeakKeyDictionary()   # client -> ClientViews
         self.regions = weakref.WeakKeyDictionary()   # region -> RegionView
         self.call = ffi.new("struct ufc_fault_call *")
@@ -117,7 +99,7 @@ class FastPath:
             in_use, allowed = self.pager.budget_use(views.auto)
             grants = max(0, allowed - in_use)
         call.auto_grants, call.touched = grants, views.touched
-        first = lib.ufc_serve_faults(client.uffd.fd, self.current_pool(), views.array,
+        first = lib.ufc_serve_faults(client.uffd.fd, self.pool.view(), views.array,
                                      len(views.regions), self.msgs_ptr, len(self.msgs),
                                      self.spin_ns if spin else 0, call)
         self.pager.auto_writable.pages += grants - call.auto_grants
@@ -143,16 +125,3 @@ class FastPath:
         view.faults = view.restored = view.promoted = 0
         return region
 
-    def current_pool(self):
-        if self.pool_generation != self.pool.layout_generation:
-            location, size, arenas = self.pool.layout()
-            # held until the next layout: the view points into them
-            self.pool_arrays = [ffi.from_buffer("int64_t[]", location),
-                                ffi.from_buffer("int16_t[]", size),
-                                ffi.from_buffer("uint64_t[]", arenas)]
-            view = self.pool_view
-            view.location, view.size, view.arena = self.pool_arrays
-            view.nhandles, view.narenas = len(location), len(arenas)
-            view.decompress = self.decompress
-            self.pool_generation = self.pool.layout_generation
-        return self.pool_view

@@ -10,13 +10,14 @@ import numpy as np
 
 from .accounting import Accounting, checked_capacity
 from .compaction import Compaction
+from .entries import Entries
 from .errors import PoolError, PoolFullError
 from .pagetable import PAGE_SIZE
 
 HANDLE_NONE = -1
 CLASS_STEP = 32          # slot size step: mean internal waste 16 bytes per entry
 _OFF = 0xFFFFFFFF        # an entry's location: arena << 32 | its byte offset (this part)
-_compress, _decompress = lz4.block.compress, lz4.block.decompress
+_compress = lz4.block.compress
 
 
 def _pg(nbytes):
@@ -24,7 +25,7 @@ def _pg(nbytes):
     return -(-nbytes // PAGE_SIZE) * PAGE_SIZE
 
 
-class Pool(Compaction, Accounting):
+class Pool(Entries, Compaction, Accounting):
     """Compressed pages under a physical byte limit. Single-owner: see transfer_owner().
 
     A handle indexes per-entry numpy arrays: ``_location`` (int64: arena << 32 | byte offset, or
@@ -81,9 +82,9 @@ class Pool(Compaction, Accounting):
 
     def layout(self):
         """(location, size, arena addresses) per handle and arena: what native code
-        needs to load entries itself (fastpath.c). A location is arena << 32 | offset,
-        or a same-filled page's value where size is 0; size is -1 for no entry; a
-        released arena's address is 0. Valid until layout_generation changes."""
+        needs to load entries (entries.c). A location is arena << 32 | offset, or a
+        same-filled page's value where size is 0; size is -1 for no entry; a released
+        arena's address is 0. Valid until layout_generation changes."""
         arenas = np.array([0 if v is None else np.frombuffer(v, np.uint8).ctypes.data
                            for v in self._arena_view], np.uint64)
         return self._location, self._size, arenas
@@ -294,45 +295,6 @@ class Pool(Compaction, Accounting):
         self._percentiles.clear()
         self._peak = max(self._peak, self._arena_bytes + self._meta)
         return h
-
-    # --- load ---
-    def load(self, handle, out=None):
-        """The page of handle, written into out (a writable 4096-byte buffer) and out
-        returned; a new bytes if out is None."""
-        self._own()
-        h = self._handle(handle)
-        dst = None if out is None else self._page(out, writable=True)
-        n, loc = int(self._size[h]), int(self._location[h])
-        if n == 0:
-            data = loc.to_bytes(8, sys.byteorder, signed=True) * (PAGE_SIZE // 8)
-        else:
-            o = loc & _OFF
-            data = self._arena_view[loc >> 32][o:o + n]
-            if n < PAGE_SIZE:
-                data = _decompress(data, PAGE_SIZE)
-        if dst is None:
-            return bytes(data)
-        dst[:] = data
-        return out
-
-    def load_many(self, handles, out):
-        """Pages of handles into the rows of out, a C-contiguous (n, 4096) uint8 array;
-        returns out."""
-        self._own()
-        h, sizes = self._handles(handles)
-        out = self._rows(out, writable=True)
-        if len(out) != len(h):
-            raise PoolError(f"out has {len(out)} rows for {len(h)} handles")
-        flat, mvs, P, bo, off_mask = memoryview(out.reshape(-1)), self._arena_view, PAGE_SIZE, \
-            sys.byteorder, _OFF
-        for at, n, loc in zip(range(0, len(flat), P), sizes.tolist(), self._location[h].tolist()):
-            if n == 0:
-                flat[at:at + P] = loc.to_bytes(8, bo, signed=True) * (P // 8)
-                continue
-            o = loc & off_mask
-            src = mvs[loc >> 32][o:o + n]
-            flat[at:at + P] = src if n == P else _decompress(src, P)
-        return out
 
     # --- free and compaction ---
     def free(self, handle):

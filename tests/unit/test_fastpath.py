@@ -1,5 +1,5 @@
-"""What the fault fast path relies on, without a kernel: the state codes it writes,
-the pool layout it loads entries by, and the lz4 function it decompresses with."""
+"""What the fault fast path relies on, without a kernel: the state codes it writes, and
+the pool's view it reads entries through (entries.c, Pool.load's decoder too)."""
 import mmap
 
 import numpy as np
@@ -7,8 +7,9 @@ import pytest
 
 from ufcram import pagetable
 from ufcram._shim import ffi, lib
+from ufcram.entries import lz4_decompress
+from ufcram.errors import PoolError
 from ufcram.pool import PAGE_SIZE, Pool
-from ufcram.fastpath import lz4_decompress
 
 from .test_pool import make_page, rows
 
@@ -28,34 +29,40 @@ def test_page_states_and_size_are_one_list_shared_with_c():
     assert pagetable.PAGE_SIZE == lib.UFC_PAGE_SIZE == mmap.PAGESIZE
 
 
-def load_by_layout(pool, handle, decompress):
-    """A page as fastpath.c's load_entry reads it: from layout() alone."""
-    location, size, arenas = pool.layout()
-    n, loc = int(size[handle]), int(location[handle])
-    if n == 0:
-        return np.full(PAGE_SIZE // 8, loc, np.int64).tobytes()
-    src = ffi.cast("char *", int(arenas[loc >> 32]) + (loc & 0xFFFFFFFF))
-    if n == PAGE_SIZE:
-        return ffi.buffer(src, PAGE_SIZE)[:]
-    out = ffi.new("char[]", PAGE_SIZE)
-    assert decompress(src, out, n, PAGE_SIZE) == PAGE_SIZE
-    return ffi.buffer(out)[:]
-
-
-def test_layout_gives_every_page_back_after_growth_and_compaction():
-    fn = lz4_decompress()
-    assert fn is not None, "the lz4 package no longer exports LZ4_decompress_safe"
-    decompress = ffi.cast("int (*)(const char *, char *, int, int)", fn)
+def test_the_pool_view_follows_growth_and_compaction():
+    """fastpath.c and Pool.load read entries through one view (entries.c): rebuilt as
+    the arrays grow and arenas come and go, never pointing at memory gone."""
+    assert lz4_decompress() is not None, "no LZ4_decompress_safe to decode entries with"
     pool = Pool(1 << 30, arena_size=16 * PAGE_SIZE)
-    generation = pool.layout_generation
+    first = pool.view()
+    assert pool.view().location == first.location      # no change, no rebuild
     kinds = ("zero", "word", "text", "random", "partial", "numbers", "tiny")
     pages = [make_page(kinds[i % len(kinds)], i) for i in range(2000)]
     handles = pool.store_many(rows(*pages)).tolist()
-    assert pool.layout_generation != generation        # arrays grew, arenas came
+    grown = pool.view()
+    assert grown.nhandles >= 2000 and grown.location != ffi.NULL
     pool.free_many(handles[1::3])
-    generation = pool.layout_generation
+    narenas = sum(1 for a in pool.layout()[2] if a)
     assert pool.compact() > 0
-    assert pool.layout_generation != generation        # arenas went
+    assert sum(1 for a in pool.layout()[2] if a) < narenas   # arenas went
+    view = pool.view()
     assert pool.layout()[1][handles[1]] == -1          # freed: no entry
-    for handle, page in list(zip(handles, pages))[::3]:
-        assert load_by_layout(pool, handle, decompress) == page
+    page = np.empty(PAGE_SIZE, np.uint8)
+    assert lib.ufc_load_entry(view, handles[1], ffi.from_buffer(page)) == -1
+    for handle, data in list(zip(handles, pages))[::3]:
+        assert lib.ufc_load_entry(view, handle, ffi.from_buffer(page)) == 0
+        assert page.tobytes() == data
+
+
+def test_an_entry_that_does_not_decode_is_an_error_not_a_page():
+    pool = Pool(1 << 20)
+    text = make_page("text", 3)
+    handle = pool.store(text)
+    location, size, _ = pool.layout()
+    arena = pool._arena_view[int(location[handle]) >> 32]
+    start = int(location[handle]) & 0xFFFFFFFF
+    arena[start:start + int(size[handle])] = b"\xff" * int(size[handle])   # not lz4 any more
+    with pytest.raises(PoolError, match=f"entry {handle} does not decode"):
+        pool.load(handle)
+    with pytest.raises(PoolError, match=f"entry {handle} does not decode"):
+        pool.load_many([handle], np.empty((1, PAGE_SIZE), np.uint8))
