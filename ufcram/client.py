@@ -39,6 +39,9 @@ class ManagedRegion:
         # pages the application freed while they were in flight to the node: their
         # staged copy must not come back
         self.freed_in_flight = np.zeros(table.npages, bool)
+        # page -> the address an mremap moved it to while in flight (freed here, then,
+        # for the batch; Demotion.settle_moved settles it where it went)
+        self.moved_in_flight = {}
         # pages the application has locked (mlock): never demoted (pinned.py)
         self.pinned = np.zeros(table.npages, bool)
 

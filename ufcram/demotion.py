@@ -8,12 +8,12 @@ import select
 
 import numpy as np
 
-from . import pinned
+from . import pinned, proc
 from ._shim import lib
 from .agent import MAX_RUNS
 from .errors import HandlerError, UffdError, UffdRetry
-from .pagetable import (DEMOTED, DEMOTING, NORMAL, PAGE_SIZE, READONLY, UNTOUCHED, bridged,
-                        pages_of, runs_of)
+from .pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY, UNTOUCHED,
+                        bridged, pages_of, runs_of)
 from .uffd import address_of
 from .wakeup import poll_spinning
 
@@ -105,6 +105,36 @@ class Demotion:
             region.freed_in_flight[pages] = False
         return freed
 
+    def settle_moved(self, client, region, pages, staged):
+        """Pages of the batch that an mremap moved elsewhere while in flight, settled
+        where they went: still there (the drop had not reached them), dropped with their
+        entry kept (clean), or dropped after their copy was staged (copied back now)."""
+        if not region.moved_in_flight:
+            return
+        for row, page in enumerate(pages.tolist()):
+            addr = region.moved_in_flight.pop(page, None)
+            target = None if addr is None else client.locate(addr)
+            if target is None:
+                continue   # unmapped since: nothing to settle
+            at = np.array([target.table.page_of(addr)])
+            if target.table.state[at[0]] != DEMOTING or self.settle_freed(target, at)[0]:
+                continue
+            entry = target.table.entry[at[0]]
+            present = proc.mapped_pages(client.pid, addr, 1)[0]
+            if present:
+                state = READONLY if entry != NO_ENTRY else NORMAL
+            elif entry != NO_ENTRY:
+                state = DEMOTED
+            else:
+                if staged:
+                    self.copy_back(client, target, at,
+                                   np.array([client.staging_addr + row * PAGE_SIZE]))
+                else:
+                    log.error("client pid %d: a page moved by mremap while in flight at "
+                              "%#x has no copy left", client.pid, addr)
+                state = NORMAL
+            target.table.set(at, state)
+
     def drop_clean(self, client, region, runs):
         """Drop clean read-only pages; the node keeps their entries. Each span is one
         madvise and one REMOVE event the agent waits on us to read, so spans reach
@@ -121,6 +151,7 @@ class Demotion:
         status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
         self.settle_forks(client, region, pages, copied=None, absent=gap)
         freed = self.settle_freed(region, pages)
+        self.settle_moved(client, region, pages, staged=False)
         table.set(pages[~freed & gap], DEMOTED)
         if status >= 0:
             table.set(pages[~freed & ~gap], DEMOTED)
@@ -149,6 +180,7 @@ class Demotion:
         client.staging_used = True
         self.settle_forks(client, region, pages, copied=bool(staged))
         freed = self.settle_freed(region, pages)
+        self.settle_moved(client, region, pages, staged=bool(staged))
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
             self.put_back(client, region, pages, before, rows, keep=~freed)

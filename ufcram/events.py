@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from . import proc
-from .pagetable import DEMOTING, NO_ENTRY, PAGE_SIZE, PageTable, UNTOUCHED
+from .pagetable import DEMOTING, NO_ENTRY, PAGE_SIZE, PageTable, UNTOUCHED, runs_of
 from .uffd import EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP
 
 log = logging.getLogger("ufcram.handler")
@@ -77,18 +77,44 @@ def on_remap(client, old, new, length):
     for region in client.overlapping(old, old + length):
         table = region.table
         pages = pages_within(table, old, old + length)
-        if len(pages) == table.npages:
+        to = new + table.address_of(pages[0]) - old
+        landing = [r for r in client.overlapping(to, to + len(pages) * PAGE_SIZE)
+                   if r is not region]
+        if len(pages) == table.npages and not landing:
             # the same table, rebased: a demotion of it in flight (waiting on the agent
             # while we read this event) settles its pages at their new address
-            table.base = new + table.base - old
+            table.base = to
             client.relocate(region.id, table)
             continue
-        moved = PageTable(new + table.address_of(pages[0]) - old, len(pages))
-        moved.state[:], moved.entry[:] = table.state[pages], table.entry[pages]
-        moved.tally[:] = np.bincount(moved.state, minlength=len(moved.tally))
-        table.entry[pages] = NO_ENTRY          # the entries now belong to the moved part
+        states, entries = table.state[pages].copy(), table.entry[pages].copy()
+        # pages in flight: the batch drops them here as freed, and settles them where
+        # they went (Demotion.settle_moved); until then they wait there as in flight
+        for page in pages[states == DEMOTING].tolist():
+            region.moved_in_flight[page] = to + (page - int(pages[0])) * PAGE_SIZE
+        region.freed_in_flight[pages[states == DEMOTING]] = True
+        table.entry[pages] = NO_ENTRY          # the entries now belong to where they went
         table.set(pages, UNTOUCHED)
-        client.adopt(moved, region)
+        land(client, region, to, states, entries, landing)
+
+
+def land(client, source, to, states, entries, landing):
+    """Moved pages arrive at `to`: into the regions already there (a part moved away
+    and now back leaves its region untouched pages there, which take it), and as a
+    region of its own, under source's policies, where none is."""
+    uncovered = np.ones(len(states), bool)
+    for region in landing:
+        table = region.table
+        pages = pages_within(table, to, to + len(states) * PAGE_SIZE)
+        at = (table.base - to) // PAGE_SIZE + pages
+        table.take(pages, states[at], entries[at])
+        # in flight and back where it was: the batch settles it here after all
+        region.freed_in_flight[pages[states[at] == DEMOTING]] = False
+        uncovered[at] = False
+    for first, count in runs_of(np.flatnonzero(uncovered)).tolist():
+        moved = PageTable(to + first * PAGE_SIZE, count)
+        moved.take(np.arange(count), states[first:first + count],
+                   entries[first:first + count])
+        client.adopt(moved, source)
 
 
 def on_fork(pager, client, uffd_fd):

@@ -110,6 +110,21 @@ class PageTable:
                 f"moved {STATE_NAMES[int(old[bad][0])]} -> {STATE_NAMES[state]}: not a move "
                 "of the state machine")
 
+    def take(self, pages, states, entries):
+        """Pages that arrive from another table (mremap moved them here, into pages this
+        table left untouched): their states and entries as they were, which is not a
+        move of the state machine."""
+        if not (self.state[pages] == UNTOUCHED).all():
+            raise StateError(f"pages moved onto pages of the region at {self.base:#x} "
+                             "that are in use")
+        self.entry[pages] = entries
+        arrived = np.bincount(states, minlength=len(STATE_NAMES))
+        self.tally += arrived
+        self.tally[UNTOUCHED] -= len(pages)
+        if self.shared is not None:
+            self.shared.pages += int(arrived[self.shared.state])
+        self.state[pages] = states
+
     def copy(self, base=None):
         """The same pages and entries at another base address (fork, mremap)."""
         other = PageTable(self.base if base is None else base, self.npages)

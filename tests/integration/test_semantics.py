@@ -37,6 +37,9 @@ CHECKS = {
     "posix-spawn": "posix_spawn of the same three, the same checks",
     "mremap-reuse": "a demoted mapping moved by mremap and a new mapping where it was: the "
                     "new one reads zeros and keeps its writes, the moved one its bytes",
+    "mremap-part-back": "a demoted quarter of a mapping moved by mremap, read there, moved "
+                        "back and read again, 8 times: its bytes at each address, the rest "
+                        "kept",
     "munmap-in-flight": "the top half of a freshly written mapping unmapped while the node "
                         "demotes it, 64 times: the new mapping there reads zeros, the kept "
                         "half keeps its bytes, and no page stays in flight",

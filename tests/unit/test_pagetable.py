@@ -170,3 +170,18 @@ def test_shared_tally_stays_a_plain_int_when_the_state_is_a_numpy_scalar(any_mov
     table.join(shared)
     table.set(np.int64(2) if one else np.arange(3), np.uint8(WRITABLE))
     assert shared.pages == (1 if one else 3) and type(shared.pages) is int
+
+
+def test_pages_taken_from_another_table_keep_their_states_and_count(checked):
+    shared = SharedTally(WRITABLE)
+    t = PageTable(0x10000, 6)
+    t.join(shared)
+    t.take(np.array([1, 2, 3]), np.array([DEMOTED, WRITABLE, DEMOTING], np.uint8),
+           np.array([7, -1, -1]))
+    assert t.state.tolist() == [UNTOUCHED, DEMOTED, WRITABLE, DEMOTING, UNTOUCHED, UNTOUCHED]
+    assert t.entry.tolist() == [-1, 7, -1, -1, -1, -1]
+    assert t.tally.tolist() == np.bincount(t.state, minlength=6).tolist()
+    assert shared.pages == 1
+    with pytest.raises(StateError, match="in use"):   # only onto pages left untouched
+        t.take(np.array([3, 4]), np.array([NORMAL, NORMAL], np.uint8), np.array([-1, -1]))
+    assert t.state[4] == UNTOUCHED

@@ -5,7 +5,10 @@
  * mapping moved by mremap with a new one made where it was.
  * usage: semantics madv-free|madv-dontneed|dontneed-ahead|dontfork|wipeonfork|mprotect-split|
  *                  brk-shrink|map-populate|sigaltstack|early-threads|vfork|posix-spawn|
- *                  mremap-reuse|munmap-in-flight [--demoted] */
+ *                  mremap-reuse|munmap-in-flight|mremap-part-back|
+ *                  mremap-part-in-flight [--demoted]
+ * (mremap-part-in-flight is not in the suite yet: the node does not settle every page an
+ * mremap moves while in flight; see issue 15's notes.) */
 #include "common.c"
 
 #include <pthread.h>
@@ -663,6 +666,67 @@ static void check_mremap_reuse(void)
 	munmap(reused, SIZE);
 }
 
+/* A demoted part of a mapping moved by mremap and read there, then moved back and read
+ * again, 8 times: it keeps its bytes at each address, and the rest keeps its own. (The
+ * part leaves untouched pages in its mapping's books; coming back, it must land in
+ * them, not beside them.) */
+static void check_mremap_part_back(void)
+{
+	const size_t part = SIZE / 4;
+	char *m = map(SIZE, 0);
+	fill(m, SIZE, 7);
+	for (uint64_t round = 1; round <= 8; round++) {
+		char *top = m + SIZE - part, *away = map(part, 0);
+		fill_range(m, SIZE - part, SIZE, round);
+		require_demoted("the mapping", m, SIZE);
+		if (mremap(top, part, part, MREMAP_MAYMOVE | MREMAP_FIXED, away) != away)
+			die(2, "mremap away: %s", strerror(errno));
+		for (size_t i = 0; i < part / 8; i++)
+			if (((uint64_t *)away)[i] != pattern(round, (SIZE - part) / 8 + i))
+				fail("round %" PRIu64 ": the moved part, byte %zu, is wrong", round, i * 8);
+		if (mremap(away, part, part, MREMAP_MAYMOVE | MREMAP_FIXED, top) != top)
+			die(2, "mremap back: %s", strerror(errno));
+		expect_range("the part moved back", m, SIZE - part, SIZE, round);
+		expect_range("the rest", m, 0, SIZE - part, 7);
+	}
+	munmap(m, SIZE);
+}
+
+/* A part of a mapping moved by mremap, and moved back, while the node demotes the mapping
+ * (a thread keeps rewriting the rest of it), 64 times: the part keeps its bytes at each
+ * address, and so does the rest. (The node's books must follow the moved pages even
+ * when some of them were in flight.) */
+static void check_mremap_part_in_flight(void)
+{
+	const size_t part = SIZE / 4;
+	char *m = map(SIZE, 0);
+	char *away = map(part, 0); /* a place to move the part to */
+	fill(m, SIZE, 7);
+	require_demoted("the mapping", m, SIZE);
+	struct churn c = { m, SIZE / 2, 0 };
+	pthread_t t;
+	if (pthread_create(&t, NULL, churn_main, &c))
+		die(2, "pthread_create failed");
+	for (uint64_t round = 1; round <= 64; round++) {
+		char *top = m + SIZE - part;
+		fill_range(m, SIZE - part, SIZE, round);
+		if (mremap(top, part, part, MREMAP_MAYMOVE | MREMAP_FIXED, away) != away)
+			die(2, "mremap away: %s", strerror(errno));
+		for (size_t i = 0; i < part / 8; i++) /* read where it went */
+			if (((uint64_t *)away)[i] != pattern(round, (SIZE - part) / 8 + i))
+				fail("round %" PRIu64 ": the moved part, byte %zu, is wrong", round, i * 8);
+		if (mremap(away, part, part, MREMAP_MAYMOVE | MREMAP_FIXED, top) != top)
+			die(2, "mremap back: %s", strerror(errno));
+		expect_range("the part moved back", m, SIZE - part, SIZE, round);
+		away = map(part, 0); /* mremap unmapped the place it left */
+	}
+	c.stop = 1;
+	pthread_join(t, NULL);
+	expect_range("the rest, rewritten all along", m, 0, SIZE / 2, 7);
+	munmap(m, SIZE);
+	munmap(away, part);
+}
+
 static const struct check checks[] = {
 	{ "madv-free", check_madv_free },
 	{ "madv-dontneed", check_madv_dontneed },
@@ -678,6 +742,8 @@ static const struct check checks[] = {
 	{ "posix-spawn", check_posix_spawn },
 	{ "mremap-reuse", check_mremap_reuse },
 	{ "munmap-in-flight", check_munmap_in_flight },
+	{ "mremap-part-back", check_mremap_part_back },
+	{ "mremap-part-in-flight", check_mremap_part_in_flight },
 };
 
 int main(int argc, char **argv)
