@@ -368,15 +368,31 @@ static void *churn_main(void *arg)
 	return NULL;
 }
 
+/* A churn thread over the bottom half of m, once m (SIZE bytes, pattern 7) is demoted. */
+static pthread_t start_churn(struct churn *c, char *m)
+{
+	pthread_t t;
+	fill(m, SIZE, 7);
+	require_demoted("the mapping", m, SIZE);
+	*c = (struct churn){ m, SIZE / 2, 0 };
+	if (pthread_create(&t, NULL, churn_main, c))
+		die(2, "pthread_create failed");
+	return t;
+}
+
+/* Stop it; the bottom half must hold what it wrote all along. */
+static void stop_churn(struct churn *c, pthread_t t)
+{
+	c->stop = 1;
+	pthread_join(t, NULL);
+	expect_range("the bottom half, rewritten all along", c->buf, 0, SIZE / 2, 7);
+}
+
 static void check_munmap_in_flight(void)
 {
 	char *m = map(SIZE, 0);
-	fill(m, SIZE, 7);
-	require_demoted("the mapping", m, SIZE);
-	struct churn c = { m, SIZE / 2, 0 };
-	pthread_t t;
-	if (pthread_create(&t, NULL, churn_main, &c))
-		die(2, "pthread_create failed");
+	struct churn c;
+	pthread_t t = start_churn(&c, m);
 	for (uint64_t round = 1; round <= 64; round++) {
 		if (munmap(m + SIZE / 2, SIZE / 2))
 			die(2, "munmap: %s", strerror(errno));
@@ -388,9 +404,7 @@ static void check_munmap_in_flight(void)
 		fill_range(m, SIZE / 2, SIZE, round);
 		expect_range("the top half, written", m, SIZE / 2, SIZE, round);
 	}
-	c.stop = 1;
-	pthread_join(t, NULL);
-	expect_range("the bottom half, rewritten all along", m, 0, SIZE / 2, 7);
+	stop_churn(&c, t);
 	munmap(m, SIZE);
 }
 
@@ -701,12 +715,8 @@ static void check_mremap_part_in_flight(void)
 	const size_t part = SIZE / 4;
 	char *m = map(SIZE, 0);
 	char *away = map(part, 0); /* a place to move the part to */
-	fill(m, SIZE, 7);
-	require_demoted("the mapping", m, SIZE);
-	struct churn c = { m, SIZE / 2, 0 };
-	pthread_t t;
-	if (pthread_create(&t, NULL, churn_main, &c))
-		die(2, "pthread_create failed");
+	struct churn c;
+	pthread_t t = start_churn(&c, m);
 	for (uint64_t round = 1; round <= 64; round++) {
 		char *top = m + SIZE - part;
 		fill_range(m, SIZE - part, SIZE, round);
@@ -720,9 +730,7 @@ static void check_mremap_part_in_flight(void)
 		expect_range("the part moved back", m, SIZE - part, SIZE, round);
 		away = map(part, 0); /* mremap unmapped the place it left */
 	}
-	c.stop = 1;
-	pthread_join(t, NULL);
-	expect_range("the rest, rewritten all along", m, 0, SIZE / 2, 7);
+	stop_churn(&c, t);
 	munmap(m, SIZE);
 	munmap(away, part);
 }
