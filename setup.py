@@ -6,11 +6,11 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
-NATIVE = Path(__file__).resolve().parent / "native"
+SOURCES = runpy.run_path(str(Path(__file__).resolve().parent / "native" / "sources.py"))
 preload = Extension(
     "ufcram._preload",
-    sources=[f"native/{s}" for s in runpy.run_path(str(NATIVE / "sources.py"))["PRELOAD"]],
-    include_dirs=["native"],
+    sources=[f"native/{s}" for s in SOURCES["PRELOAD"]],
+    include_dirs=SOURCES["INCLUDE_DIRS"],
     # hidden: only the mapping calls it watches are exported, so its copy of the shim
     # never shadows ufcram._shim in a Python program run under it
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11",

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ufcram.pool import PAGE_SIZE, Pool  # noqa: E402
+from ufcram.store.pool import PAGE_SIZE, Pool  # noqa: E402
 
 OVERHEAD_GOAL = 0.25
 MEM_GOAL = 1.05

@@ -1,7 +1,7 @@
 """cffi build script of the native shim (out-of-line API mode), run by `pip install`.
 
-The cdef is native/ufcram_api.h (the one list of exported functions, also a C header)
-plus native/constants.cdef (kernel and agent constants whose values C supplies).
+The cdef is native/common/ufcram_api.h (the one list of exported functions, also a C header)
+plus native/common/constants.cdef (kernel and agent constants whose values C supplies).
 """
 import runpy
 from pathlib import Path
@@ -13,12 +13,13 @@ ROOT = HERE.parent
 SOURCES = runpy.run_path(str(HERE / "sources.py"))
 
 ffibuilder = FFI()
-ffibuilder.cdef((HERE / "constants.cdef").read_text() + (HERE / "ufcram_api.h").read_text())
+COMMON = HERE / "common"
+ffibuilder.cdef((COMMON / "constants.cdef").read_text() + (COMMON / "ufcram_api.h").read_text())
 ffibuilder.set_source(
     "ufcram._shim",
     '#include "ufcram_native.h"\n',
     sources=[str((HERE / s).relative_to(ROOT)) for s in SOURCES["SHIM"]],
-    include_dirs=[str(HERE.relative_to(ROOT))],
+    include_dirs=SOURCES["INCLUDE_DIRS"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
     libraries=["pthread"],
 )

@@ -16,7 +16,7 @@ def _uffd_unavailable():
     if not sys.platform.startswith("linux"):
         return "userfaultfd is Linux-only"
     try:
-        from ufcram.uffd import Uffd
+        from ufcram.app.uffd import Uffd
         Uffd.open().close()
     except Exception as e:   # the reason is the skip message
         return f"userfaultfd unusable here: {e}"

@@ -11,7 +11,8 @@ from .errors import (  # noqa: F401
 
 __version__ = "0.1.0"
 
-_LAZY = {"Region": "region", "Node": "node", "Pool": "pool", "PAGE_SIZE": "pagetable"}
+_LAZY = {"Region": "app.region", "Node": "app.node", "Pool": "store.pool",
+         "PAGE_SIZE": "store.pagetable"}
 
 
 def __getattr__(name):

@@ -1,6 +1,6 @@
 """`python -m ufcram ...` is the `ufcram` command."""
 import sys
 
-from .cli import main
+from ufcram.tools.cli import main
 
 sys.exit(main())

@@ -6,8 +6,8 @@ import threading
 import numpy as np
 
 from ufcram._shim import lib
-from ufcram.stress import threads_in_faults
-from ufcram.uffd import MSG_DTYPE, PAGE_SIZE, address_of
+from ufcram.tools.stress import threads_in_faults
+from ufcram.app.uffd import MSG_DTYPE, PAGE_SIZE, address_of
 
 
 def read_via_kernel(addr, length):

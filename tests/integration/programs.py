@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ufcram.run import size
+from ufcram.tools.run import size
 
 from .launch import environment
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from ufcram.bench_report import can_plot
-from ufcram.bench_work import WORKLOADS
+from ufcram.tools.bench.report import can_plot
+from ufcram.tools.bench.work import WORKLOADS
 
 pytestmark = pytest.mark.timeout(90)
 

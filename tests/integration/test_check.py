@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ufcram.check import report
+from ufcram.tools.check import report
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +48,7 @@ def _as_nobody(fn):
 
 def _nobody_view():
     from ufcram.errors import UffdPermissionError
-    from ufcram.uffd import Uffd
+    from ufcram.app.uffd import Uffd
     r = report()
     try:
         Uffd.open(user_mode_only=False).close()

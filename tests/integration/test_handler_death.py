@@ -391,8 +391,8 @@ def test_malformed_adopt_commands_are_refused_without_a_leak():
     out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import mmap, os, socket, struct
         from ufcram._shim import lib
-        from ufcram.agent import CMD, REPLY
-        from ufcram.uffd import Uffd, address_of
+        from ufcram.handler.agent import CMD, REPLY
+        from ufcram.app.uffd import Uffd, address_of
         STAGING = 16 * 4096
         uffd = Uffd.open()
         staging_fd = os.memfd_create("staging")

@@ -21,8 +21,8 @@ import ufcram
 from ufcram import PAGE_SIZE, Region
 from ufcram import protocol as P
 from ufcram._shim import lib
-from ufcram.agent import CMD, REPLY
-from ufcram.uffd import Uffd, address_of
+from ufcram.handler.agent import CMD, REPLY
+from ufcram.app.uffd import Uffd, address_of
 
 from .faults import read_via_kernel, write_via_kernel
 

@@ -28,7 +28,7 @@ PLAIN_MEMORY = "this program runs on plain memory"
 
 @pytest.fixture(scope="module")
 def preload_library():
-    from ufcram.run import preload_library
+    from ufcram.tools.run import preload_library
     return preload_library()
 
 

@@ -14,7 +14,7 @@ import pytest
 import ufcram
 from ufcram import PAGE_SIZE, Region
 from ufcram import protocol as P
-from ufcram.stat import NO_NODE, human
+from ufcram.tools.stat import NO_NODE, human
 
 from .test_region import mixed_bytes
 

@@ -14,14 +14,14 @@ import pytest
 
 import ufcram
 from ufcram import PAGE_SIZE, Region
-from ufcram.stress import KINDS
+from ufcram.tools.stress import KINDS
 
 pytestmark = pytest.mark.timeout(150)
 MiB = 1 << 20
 
 
 def test_bounded_stress_run_finds_no_wrong_byte():
-    cmd = [sys.executable, "-m", "ufcram.stress", "--minutes", "0.4", "--processes", "2",
+    cmd = [sys.executable, "-m", "ufcram.tools.stress", "--minutes", "0.4", "--processes", "2",
            "--threads", "2", "--seed", "7", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=130)
     assert done.stdout.strip(), f"no report; stderr ends with:\n{done.stderr[-3000:]}"

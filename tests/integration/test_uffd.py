@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ufcram._shim import lib
-from ufcram.uffd import FEATURES, FLAG_WP, FLAG_WRITE, PAGE_SIZE, REQUIRED, Uffd, address_of
+from ufcram.app.uffd import FEATURES, FLAG_WP, FLAG_WRITE, PAGE_SIZE, REQUIRED, Uffd, address_of
 
 from .faults import Resolver, page_addr, read_via_kernel, wait_for_blocked, write_via_kernel
 
@@ -177,7 +177,7 @@ def test_demote_primitive_rejects_bad_runs(area):
 
 RESOLVER_CHILD = textwrap.dedent("""
     import socket, sys, numpy as np
-    from ufcram.uffd import Uffd, MSG_DTYPE, WANTED, address_of
+    from ufcram.app.uffd import Uffd, MSG_DTYPE, WANTED, address_of
     sock = socket.socket(fileno=int(sys.argv[1]))
     _, fds, _, _ = socket.recv_fds(sock, 16, 1)
     uffd = Uffd(fds[0], WANTED)

@@ -9,7 +9,7 @@ import pytest
 
 import ufcram
 from ufcram import PAGE_SIZE, Region
-from ufcram.wakeup import DEVICE, NO_CONSTRAINT
+from ufcram.handler.wakeup import DEVICE, NO_CONSTRAINT
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.root]
 

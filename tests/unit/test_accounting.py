@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ufcram.errors import PoolError
-from ufcram.pool import PAGE_SIZE, Pool
+from ufcram.store.pool import PAGE_SIZE, Pool
 
 from .test_pool import make_page, rows
 

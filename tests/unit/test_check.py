@@ -1,8 +1,8 @@
 """The verdict of `ufcram check` for each permission and feature situation."""
 import pytest
 
-from ufcram.check import _verdict
-from ufcram.uffd import FEATURES
+from ufcram.tools.check import _verdict
+from ufcram.app.uffd import FEATURES
 
 pytestmark = pytest.mark.timeout(10)
 ALL = sum(FEATURES.values())

@@ -5,7 +5,7 @@ import numpy as np
 import psutil
 import pytest
 
-from ufcram.pool import PAGE_SIZE, Pool
+from ufcram.store.pool import PAGE_SIZE, Pool
 
 from .test_pool import check_exact, make_page, rows
 

@@ -11,16 +11,16 @@ import types
 import numpy as np
 import pytest
 
-from ufcram import events
+from ufcram.handler import events
 from ufcram import protocol as P
 from ufcram._shim import lib
-from ufcram.agent import REPLY, AgentLink
-from ufcram.client import Client
-from ufcram.guard import Repeats
-from ufcram.handler import Handler
-from ufcram.pagetable import PAGE_SIZE
-from ufcram.pool import Pool
-from ufcram.uffd import EVENT_PAGEFAULT, EVENT_REMOVE
+from ufcram.handler.agent import REPLY, AgentLink
+from ufcram.handler.client import Client
+from ufcram.handler.guard import Repeats
+from ufcram.handler.loop import Handler
+from ufcram.store.pagetable import PAGE_SIZE
+from ufcram.store.pool import Pool
+from ufcram.app.uffd import EVENT_PAGEFAULT, EVENT_REMOVE
 
 pytestmark = pytest.mark.timeout(10)
 BASE = 1 << 30

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from ufcram import pagetable
+from ufcram.store import pagetable
 from ufcram.errors import RegionError, StateError
-from ufcram.pagetable import (DEMOTED, DEMOTING, NORMAL, PAGE_SIZE, READONLY, STATE_NAMES,
+from ufcram.store.pagetable import (DEMOTED, DEMOTING, NORMAL, PAGE_SIZE, READONLY, STATE_NAMES,
                               UNTOUCHED, WRITABLE, PageTable, SharedTally, bridged, pages_of,
                               runs_of)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ufcram.errors import UfcramError
-from ufcram.policy import (ENTRY_OVERHEAD, PAGE_SIZE, Clock, Overflow, Readahead, ResidentLimit,
+from ufcram.handler.policy import (ENTRY_OVERHEAD, PAGE_SIZE, Clock, Overflow, Readahead, ResidentLimit,
                            WriteBudget, exposed_pages)
 
 pytestmark = pytest.mark.timeout(10)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ufcram.errors import PoolError, PoolFullError
-from ufcram.pool import HANDLE_NONE, PAGE_SIZE, Pool
+from ufcram.store.pool import HANDLE_NONE, PAGE_SIZE, Pool
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from ufcram import reach
+from ufcram.tools import reach
 
 pytestmark = [pytest.mark.timeout(30)]
 

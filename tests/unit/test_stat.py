@@ -7,11 +7,11 @@ import pytest
 
 from ufcram import PAGE_SIZE
 from ufcram import protocol as P
-from ufcram.client import Client
-from ufcram.handler import Handler
-from ufcram.pagetable import NORMAL
-from ufcram.pool import Pool
-from ufcram.stat import human, render
+from ufcram.handler.client import Client
+from ufcram.handler.loop import Handler
+from ufcram.store.pagetable import NORMAL
+from ufcram.store.pool import Pool
+from ufcram.tools.stat import human, render
 
 
 @pytest.mark.parametrize("nbytes, text", [

@@ -9,7 +9,7 @@ import pytest
 
 from ufcram._shim import ffi, lib
 from ufcram.errors import UffdError, UffdPermissionError, UffdRetry
-from ufcram.uffd import EVENT_PAGEFAULT, FLAG_WP, MSG_DTYPE, _raise, feature_names
+from ufcram.app.uffd import EVENT_PAGEFAULT, FLAG_WP, MSG_DTYPE, _raise, feature_names
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -67,7 +67,7 @@ def test_native_fd_passing_round_trip():
 
 
 def test_closed_descriptor_is_a_clear_error():
-    from ufcram.uffd import Uffd
+    from ufcram.app.uffd import Uffd
     with pytest.raises(UffdError) as e:
         Uffd(9999, 0).register(0x10000, 4096)
     assert e.value.errno == errno.EBADF and "UFFDIO_REGISTER" in str(e.value)

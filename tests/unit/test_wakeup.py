@@ -2,7 +2,7 @@ import struct
 
 import pytest
 
-from ufcram.wakeup import NO_CONSTRAINT, FastWake
+from ufcram.handler.wakeup import NO_CONSTRAINT, FastWake
 
 pytestmark = pytest.mark.timeout(30)
 
