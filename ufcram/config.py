@@ -37,10 +37,6 @@ SETTINGS = {s.name: s for s in (
     Setting("UFCRAM_FAULT_AROUND", "pages", 64,
             "largest readahead window: pages restored (or zero-filled) per fault when "
             "access is sequential; 1 turns fault-around off"),
-    Setting("UFCRAM_FAST_PATH", "0/1", 1,
-            "serve faults on demoted and read-only pages in the shim's native loop rather "
-            "than in Python (the same transitions, several times cheaper per fault); 0 for "
-            "Python alone"),
     Setting("UFCRAM_SPIN_US", "microseconds", 100,
             "how long the handler polls without sleeping after an event before it blocks "
             "(a sleeping handler is woken slowly across CPUs)"),

@@ -1,5 +1,5 @@
 /* A pool entry read back: the one decoder of the format pool.py writes. Python's loads
- * and the fault fast path both come here, through the pool's view (ufc_pool_view). */
+ * and the fault engine both come here, through the pool's view (ufc_pool_view). */
 #include <string.h>
 
 #include "ufcram_native.h"

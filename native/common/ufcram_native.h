@@ -22,6 +22,24 @@
 #define UFC_STATE_WRITABLE 5
 #define UFC_NSTATES 6
 
+/* The fault engine's plans (engine/faults.c), and the faults it leaves to Python with
+ * why: UFC_FAULT_DONE once served, a UFC_LEFT_* code, or a failed ioctl's -errno. */
+#define UFC_FAULT_DONE 0
+#define UFC_FAULT_RESTORE 1     /* the page's entry (and demoted pages after it) installed */
+#define UFC_FAULT_UPGRADE 2     /* a read-only page unprotected for a write */
+#define UFC_FAULT_ZERO_FILL 3   /* a first touch: zeros (and untouched pages after it) */
+#define UFC_FAULT_UNPROTECT 4   /* stale protection, or outside every region */
+#define UFC_FAULT_ZEROS 5       /* a missing page outside every region */
+#define UFC_FAULT_AGENT_ZEROS 6 /* the agent copying a page freed in flight */
+#define UFC_LEFT_EVENT 16       /* not a fault: an event, Python's */
+#define UFC_LEFT_AFTER_EVENTS 17 /* on a page an event of its read changes: after it */
+#define UFC_LEFT_WAIT 18        /* its page is in flight, or its process tree over its
+                                   limit and being demoted: after that demotion */
+#define UFC_LEFT_RETRY 19       /* EAGAIN: the mappings are changing; once events are read */
+#define UFC_LEFT_OUTSIDE 20     /* outside every region of a client that covers its
+                                   mappings: once Python has covered its mapping */
+#define UFC_LEFT_GONE 21        /* its range or process is gone: nobody waits */
+
 #define UFC_AGENT_MAGIC 0x55464341u /* "UFCA" */
 #define UFC_AGENT_MAX_RUNS 256
 #define UFC_AGENT_DEMOTE 1

@@ -1,18 +1,20 @@
-/* The fault fast path: the transitions that random access repeats, served here from the
- * page tables Python keeps, without a trip through Python per fault.
+/* The fault engine: every fault of a client is decided and served here, on the page
+ * tables Python keeps. Python computes the numbers (resident limits, write grants) and
+ * does what is not a fault: events, demotion, and the faults that must wait.
  *
- * Python decides: its tables say which pages are demoted or read-only and where their
- * entries are, the resident limits bound what comes in, and it hands over the write
- * grants its budgets allow. This loop reads faults and serves, while it can:
- *  - a read of a DEMOTED page: its entry (and the demoted pages after it, when the
- *    readahead window says the access is sequential) mapped read-only;
- *  - a write to a DEMOTED page: its entry mapped writable;
- *  - a write to a READONLY page: unprotected in place (the upgrade).
- * A written page's entry is stale: it is handed back to Python to release, and the page
- * becomes WRITABLE within its budget, else NORMAL (promoted). At the first message that
- * is anything else the loop stops, and Python serves that message and the rest, the
- * events of the read first; nothing is installed here where an event of the read frees
- * (struct read). */
+ * A fault is planned (ufc_plan_fault: pure, it only reads the tables and the call), then
+ * applied (the ioctls, then the tables' move, once the kernel has done it). The plans:
+ *  - a read of a demoted page: its entry, and the demoted pages after it that the
+ *    readahead window and the resident limits let in (fault-around), mapped read-only;
+ *  - a write to a demoted page: its entry mapped writable;
+ *  - a write to a read-only page: unprotected in place (the upgrade);
+ *  - a first touch: zeros, and the untouched pages after it in the readahead window
+ *    (fault-around) the shared zero page;
+ *  - a write-protect fault on a page that is not read-only (stale protection), or any
+ *    fault outside every region: unprotected, or zeros, with nothing to book.
+ * A written page's entry is stale: it goes back to Python to release, and the page
+ * becomes WRITABLE within its write budget, else NORMAL (promoted). What cannot be served
+ * now is left to Python with its reason (UFC_LEFT_*, ufcram_native.h). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
@@ -22,6 +24,11 @@
 #include <unistd.h>
 
 #include "ufcram_native.h"
+
+/* the source of every page of zeros we install with UFFDIO_COPY */
+static const uint8_t zero_page[UFC_PAGE_SIZE] __attribute__((aligned(UFC_PAGE_SIZE)));
+/* install()'s answer to a run that crosses into another mapping: not an errno */
+#define SPLIT 4096
 
 static int64_t now_ns(void)
 {
@@ -58,11 +65,13 @@ static int present(uint8_t state)
 	return state != UFC_STATE_UNTOUCHED && state != UFC_STATE_DEMOTED;
 }
 
-/* Readahead.pages then .ran (policy.py) for a fault at page, without committing: the
- * pages to restore from page on (at most `most`, and only demoted ones), and the new
- * window. A scan that read through pages still in memory is sequential too. */
-static int64_t run_length(const struct ufc_region_view *r, int64_t page, int64_t most,
-			  int64_t *window)
+/* Fault-around, as the kernel's swap readahead: a fault right after the previous run
+ * doubles the window, any other shrinks it to one page. A fault past the run by a
+ * stretch of pages still in memory (at most a window's worth) is right after it too:
+ * a scan over memory partly resident from its last pass is still sequential. The pages
+ * from page on in `state` to bring in, at most `most`; *window is the new window. */
+static int64_t run_length(const struct ufc_region_view *r, int64_t page, uint8_t state,
+			  int64_t most, int64_t *window)
 {
 	int64_t next = r->readahead[1];
 	int sequential = page == next;
@@ -77,165 +86,338 @@ static int64_t run_length(const struct ufc_region_view *r, int64_t page, int64_t
 	if (want > (int64_t)r->npages - page)
 		want = (int64_t)r->npages - page;
 	int64_t count = 1;
-	while (count < want && r->state[page + count] == UFC_STATE_DEMOTED)
+	while (count < want && r->state[page + count] == state)
 		count++;
 	return count;
 }
 
-/* Install count pages from bounce at addr (mode: UFFDIO_COPY_MODE_WP for read-only);
- * the pages the kernel put in (it stops at one already there), 0 when not even the
- * first. */
-static int64_t install(int uffd, uint64_t addr, uint8_t *bounce, int64_t count, uint64_t mode)
-{
-	struct uffdio_copy copy = { .dst = addr, .src = (uint64_t)(uintptr_t)bounce,
-				    .len = (uint64_t)count * UFC_PAGE_SIZE, .mode = mode };
-	if (ioctl(uffd, UFFDIO_COPY, &copy) == 0)
-		return count;
-	/* EAGAIN, EEXIST, ... at the first page: Python's, as always. Past it the kernel
-	 * answers EAGAIN with the bytes it put in, and has woken their waiters. */
-	return copy.copy > 0 ? copy.copy / UFC_PAGE_SIZE : 0;
-}
-
-/* Pages the resident limits still let in for a fault in r, at most `most`. A fault at a
- * limit still brings its own page in, as on Python's path: the call then ends, and
- * Python demotes down to the low watermark (or, while a demotion is in flight, after
- * it). */
+/* Pages a fault in r may bring in (its own always: at a limit the call then ends, and
+ * Python demotes), at most `most` and none where an event of the read frees. */
 static int64_t headroom(const struct ufc_region_view *r, const struct ufc_fault_call *call,
-			int64_t most)
+			int64_t most, int64_t before_free)
 {
 	int64_t n = r->limit >= 0 ? r->limit - resident(r) : most;
 	n = n < call->room ? n : call->room;
-	return n < most ? n : most;
+	n = n < most ? n : most;
+	n = n < before_free ? n : before_free;
+	return n > 1 ? n : 1;
 }
 
-/* A page written: its entry is stale (Python releases it), and the page becomes writable
- * on the node within the write budget, else normal memory (promoted). */
-static void written(struct ufc_region_view *r, int64_t page, struct ufc_fault_call *call)
+/* A written page's state: writable on the node within the write budget, else normal
+ * memory (promoted); never while the node is closed or for a forked child (may_grant). */
+static uint8_t written_state(const struct ufc_region_view *r, const struct ufc_fault_call *call)
+{
+	int grant = call->may_grant &&
+		    (r->budget < 0 ? call->auto_grants > 0 : r->tally[UFC_STATE_WRITABLE] < r->budget);
+	return grant ? UFC_STATE_WRITABLE : UFC_STATE_NORMAL;
+}
+
+int ufc_plan_fault(struct ufc_region_view *const *regions, int nregions, uint64_t address,
+		   uint64_t flags, uint32_t tid, uint64_t freed, const struct ufc_fault_call *call,
+		   struct ufc_plan *p)
+{
+	uint64_t addr = address & ~(uint64_t)(UFC_PAGE_SIZE - 1);
+	int wp = (flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+	int write = wp || (flags & UFFD_PAGEFAULT_FLAG_WRITE);
+	int agent = call->agent_tid != 0 && tid == call->agent_tid;
+	memset(p, 0, sizeof(*p));
+	p->region = -1;
+	p->count = 1;
+	p->window = -1;   /* the readahead window stays as it is */
+	p->write = write;
+	if (freed == addr)   /* its page is being freed: after the free */
+		return p->action = UFC_LEFT_AFTER_EVENTS;
+	int at = region_of(regions, nregions, addr);
+	if (at < 0) {
+		/* registered but in no region (grown in place by mremap, or released while
+		 * still registered): untouched memory, or a page left protected */
+		if (call->cover)
+			return p->action = UFC_LEFT_OUTSIDE;
+		return p->action = wp ? UFC_FAULT_UNPROTECT : UFC_FAULT_ZEROS;
+	}
+	const struct ufc_region_view *r = regions[at];
+	int64_t page = (int64_t)((addr - r->base) / UFC_PAGE_SIZE);
+	int64_t before_free = freed == UINT64_MAX ? INT64_MAX :
+			      (int64_t)((freed - addr) / UFC_PAGE_SIZE);
+	uint8_t state = r->state[page];
+	p->region = at;
+	p->page = page;
+	if (state == UFC_STATE_DEMOTING)
+		/* the agent copying a page the application freed gets zeros, protected: a
+		 * write landing before the agent's drop faults and waits for the batch
+		 * instead of being dropped with the page. Anyone else waits for the batch. */
+		return p->action = agent ? UFC_FAULT_AGENT_ZEROS : UFC_LEFT_WAIT;
+	if (r->entry[page] >= 0 && !(wp && state == UFC_STATE_READONLY)) {
+		p->action = UFC_FAULT_RESTORE;
+		if (write) {
+			p->state = written_state(r, call);
+		} else {
+			int64_t most = headroom(r, call, call->bounce_pages, before_free);
+			p->count = run_length(r, page, UFC_STATE_DEMOTED, most, &p->window);
+			p->state = UFC_STATE_READONLY;
+			p->wp = 1;
+		}
+	} else if (wp) {
+		if (state == UFC_STATE_READONLY) {
+			p->action = UFC_FAULT_UPGRADE;
+			p->state = written_state(r, call);
+		} else {
+			p->action = UFC_FAULT_UNPROTECT;   /* stale: the page is writable already */
+		}
+	} else if (call->throttle && !agent) {
+		/* its process tree is over its resident limit and being demoted: a first
+		 * touch waits until that is done, as a cgroup reclaims before it charges. (A
+		 * restore is served, its page alone: the demotion in flight makes its room.) */
+		p->action = UFC_LEFT_WAIT;
+	} else {
+		/* the pages after it get the shared zero page, which costs no memory until
+		 * written: a resident limit does not cut the window (a process tree held over
+		 * its limit by memory it cannot demote would first-touch a page a demotion) */
+		int64_t most = call->bounce_pages < before_free ? call->bounce_pages : before_free;
+		p->action = UFC_FAULT_ZERO_FILL;
+		p->count = run_length(r, page, UFC_STATE_UNTOUCHED, most, &p->window);
+		p->state = UFC_STATE_NORMAL;
+	}
+	return p->action;
+}
+
+/* How an install or protection ioctl that did nothing ends for its fault. */
+static int failed(int err)
+{
+	if (err == EAGAIN)
+		return UFC_LEFT_RETRY;   /* the mappings are changing: once the events are read */
+	if (err == ENOENT || err == ESRCH)
+		return UFC_LEFT_GONE;    /* the range or the process is gone: nobody waits */
+	return -err;
+}
+
+/* UFFDIO_COPY or UFFDIO_ZEROPAGE (src NULL) of count pages at addr: the pages the kernel
+ * put in (it stops at a page already there, and has woken those it put in), or a
+ * UFC_LEFT_* or -errno when not even the first. A page already there (EEXIST: another
+ * fault won the race) has its waiters woken: 0. */
+static int64_t install(int uffd, uint64_t addr, const uint8_t *src, int64_t count, int wp)
+{
+	uint64_t len = (uint64_t)count * UFC_PAGE_SIZE;
+	int64_t done;
+	int rc;
+	if (src) {
+		struct uffdio_copy c = { .dst = addr, .src = (uint64_t)(uintptr_t)src, .len = len,
+					 .mode = wp ? UFFDIO_COPY_MODE_WP : 0 };
+		rc = ioctl(uffd, UFFDIO_COPY, &c);
+		done = c.copy;
+	} else {
+		struct uffdio_zeropage z = { .range = { addr, len } };
+		rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+		done = z.zeropage;
+	}
+	if (rc == 0)
+		return count;
+	if (done > 0)
+		return done / UFC_PAGE_SIZE;
+	if (errno == EEXIST) {
+		struct uffdio_range wake = { addr, UFC_PAGE_SIZE };
+		ioctl(uffd, UFFDIO_WAKE, &wake);
+		return 0;
+	}
+	return errno == ENOENT && count > 1 ? -SPLIT : -errno;
+}
+
+static int unprotect(int uffd, uint64_t addr)
+{
+	struct uffdio_writeprotect wp = { .range = { addr, UFC_PAGE_SIZE }, .mode = 0 };
+	return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : failed(errno);
+}
+
+/* A page written: its stale entry goes to Python to release, and it takes its state. */
+static void written(struct ufc_region_view *r, int64_t page, uint8_t state,
+		    struct ufc_fault_call *call)
 {
 	if (r->entry[page] >= 0) {
 		call->released[call->nreleased++] = r->entry[page];
 		r->entry[page] = -1;
 	}
-	int grant = call->may_grant &&
-		    (r->budget < 0 ? call->auto_grants > 0 : r->tally[UFC_STATE_WRITABLE] < r->budget);
-	uint8_t state = grant ? UFC_STATE_WRITABLE : UFC_STATE_NORMAL;
-	if (grant && r->budget < 0)
+	if (state == UFC_STATE_WRITABLE && r->budget < 0)
 		call->auto_grants--;
-	r->promoted += !grant;
+	r->promoted += state == UFC_STATE_NORMAL;
 	r->tally[r->state[page]]--;
 	r->tally[state]++;
 	r->state[page] = state;
 }
 
-/* before_free: pages from page on that no free of this read covers (at least 1) */
-static int64_t restore_read(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *r,
-			    int64_t page, int64_t before_free, struct ufc_fault_call *call)
+static void book(struct ufc_region_view *r, int64_t page, int64_t count, uint8_t state)
 {
-	int64_t most = headroom(r, call, call->bounce_pages);
-	if (most <= 0)   /* at a limit already (a demotion is in flight): the page alone */
-		most = 1;
-	if (most > before_free)
-		most = before_free;
-	int64_t window, count = run_length(r, page, most, &window), loaded = 0;
-	while (loaded < count && ufc_load_entry(pool, r->entry[page + loaded],
+	for (int64_t p = page; p < page + count; p++) {
+		r->tally[r->state[p]]--;
+		r->state[p] = state;
+	}
+	r->tally[state] += count;
+}
+
+/* Pages of a restore's run installed (their entries loaded into the bounce buffer
+ * first), or a UFC_LEFT_* or -errno. A run that crosses into another mapping of the
+ * region (mlock, mprotect or a madvise split it) is refused whole (ENOENT), as if its
+ * range were gone: its page alone then. */
+static int64_t restore(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *r,
+		       const struct ufc_plan *p, uint64_t addr, struct ufc_fault_call *call)
+{
+	int64_t count = p->count, loaded = 0;
+	while (loaded < count && ufc_load_entry(pool, r->entry[p->page + loaded],
 					    call->bounce + loaded * UFC_PAGE_SIZE) == 0)
 		loaded++;
-	uint64_t addr = r->base + (uint64_t)page * UFC_PAGE_SIZE;
-	int64_t done = loaded ? install(uffd, addr, call->bounce, loaded, UFFDIO_COPY_MODE_WP) : 0;
-	if (done == 0)
-		return 0;
-	for (int64_t p = page; p < page + done; p++)
-		r->state[p] = UFC_STATE_READONLY;
-	r->tally[UFC_STATE_DEMOTED] -= done;
-	r->tally[UFC_STATE_READONLY] += done;
-	r->readahead[0] = window;
-	r->readahead[1] = page + count;
+	if (loaded == 0)
+		return -EBADMSG;   /* the books name an entry the pool does not hold */
+	int64_t done = install(uffd, addr, call->bounce, loaded, p->wp);
+	if (done == -SPLIT)
+		done = install(uffd, addr, call->bounce, 1, p->wp);
 	return done;
 }
 
-static int64_t restore_write(int uffd, const struct ufc_pool_view *pool,
-			     struct ufc_region_view *r, int64_t page, struct ufc_fault_call *call)
+/* Apply a plan: UFC_FAULT_DONE once the fault is served, else why not (UFC_LEFT_*) or a
+ * failed ioctl's -errno. */
+static int apply(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
+		 uint64_t address, const struct ufc_plan *p, struct ufc_fault_call *call)
 {
-	if (ufc_load_entry(pool, r->entry[page], call->bounce) < 0 ||
-	    !install(uffd, r->base + (uint64_t)page * UFC_PAGE_SIZE, call->bounce, 1, 0))
-		return 0;
-	written(r, page, call);
-	return 1;
+	uint64_t addr = address & ~(uint64_t)(UFC_PAGE_SIZE - 1);
+	struct ufc_region_view *r = p->region >= 0 ? regions[p->region] : NULL;
+	int64_t done = 0;   /* pages brought in */
+	switch (p->action) {
+	case UFC_FAULT_UNPROTECT: {
+		int rc = unprotect(uffd, addr);
+		if (rc)
+			return rc;
+		break;
+	}
+	case UFC_FAULT_ZEROS:
+		done = install(uffd, addr, p->write ? zero_page : NULL, 1, 0);
+		break;
+	case UFC_FAULT_AGENT_ZEROS:
+		done = install(uffd, addr, zero_page, 1, 1);
+		break;
+	case UFC_FAULT_RESTORE:
+		done = restore(uffd, pool, r, p, addr, call);
+		if (done > 0 && p->wp)
+			book(r, p->page, done, p->state);
+		else if (done >= 0 && !p->wp)
+			/* written, even where the page was there already (EEXIST): a forked
+			 * child's copy of a page protected in flight faults for the write with
+			 * its books saying DEMOTED, and must not fault so for ever. The page
+			 * there keeps its bytes; its entry is stale either way. */
+			written(r, p->page, p->state, call);
+		r->restored += done > 0 ? done : 0;
+		break;
+	case UFC_FAULT_UPGRADE: {
+		int rc = unprotect(uffd, addr);   /* first: a refusal leaves the page whole */
+		if (rc)
+			return rc;
+		written(r, p->page, p->state, call);
+		break;
+	}
+	case UFC_FAULT_ZERO_FILL:
+		/* a private zeroed page spares a write its copy-on-write */
+		done = install(uffd, addr, p->write ? zero_page : NULL, 1, 0);
+		if (done > 0 && p->count > 1) {   /* the rest only up to a page already there */
+			int64_t more = install(uffd, addr + UFC_PAGE_SIZE, NULL, p->count - 1, 0);
+			done += more > 0 ? more : 0;
+		}
+		if (done > 0) {
+			book(r, p->page, done, UFC_STATE_NORMAL);
+			r->zero_filled += done;
+		}
+		break;
+	default:
+		return p->action;   /* left to Python */
+	}
+	if (done < 0)
+		return failed((int)-done);
+	if (r) {
+		if (p->window >= 0) {
+			r->readahead[0] = p->window;
+			r->readahead[1] = p->page + p->count;
+		}
+		if (p->action != UFC_FAULT_AGENT_ZEROS)
+			r->referenced[p->page] = 1;
+		if (p->action == UFC_FAULT_RESTORE || p->action == UFC_FAULT_ZERO_FILL)
+			call->room -= done;
+		if (r->faults++ == 0)
+			call->touched[call->ntouched++] = p->region;
+		if (r->limit >= 0 && resident(r) > r->limit)
+			call->over = 1;
+	}
+	if (call->room < 0)
+		call->over = 1;
+	return UFC_FAULT_DONE;
 }
 
-/* 1 if the upgrade was done; unprotected first, so a refusal leaves the page whole */
-static int upgrade(int uffd, struct ufc_region_view *r, int64_t page, struct ufc_fault_call *call)
-{
-	struct uffdio_writeprotect wp = {
-		.range = { r->base + (uint64_t)page * UFC_PAGE_SIZE, UFC_PAGE_SIZE }, .mode = 0 };
-	if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
-		return 0;
-	written(r, page, call);
-	return 1;
-}
-
-/* The messages of one read. The kernel lets the thread behind a REMOVE or UNMAP event go
- * on, and zap the range, as soon as the event is read, while we serve the faults read
- * with it (the kernel hands faults out first): a page installed in that range before
- * Python has its books told of the free would outlive it. */
-struct read {
-	const struct uffd_msg *m;
-	int n;
-};
-
-/* The first address from addr on that a free of this read covers; UINT64_MAX if none. */
-static uint64_t first_freed(const struct read *rd, uint64_t addr)
+/* The first address from addr on that a free among msgs covers; UINT64_MAX if none. The
+ * kernel lets the thread behind a REMOVE or UNMAP event go on, and zap the range, as
+ * soon as the event is read, and hands out faults before events: a page installed there
+ * for a fault of the same read, before Python's books are told of the free, would
+ * outlive it. */
+static uint64_t first_freed(const struct uffd_msg *m, int n, uint64_t addr)
 {
 	uint64_t first = UINT64_MAX;
-	for (int i = 0; i < rd->n; i++) {
-		const struct uffd_msg *e = &rd->m[i];
-		if ((e->event != UFFD_EVENT_REMOVE && e->event != UFFD_EVENT_UNMAP) ||
-		    e->arg.remove.end <= addr)
+	for (int i = 0; i < n; i++) {
+		if ((m[i].event != UFFD_EVENT_REMOVE && m[i].event != UFFD_EVENT_UNMAP) ||
+		    m[i].arg.remove.end <= addr)
 			continue;
-		uint64_t at = e->arg.remove.start > addr ? e->arg.remove.start : addr;
+		uint64_t at = m[i].arg.remove.start > addr ? m[i].arg.remove.start : addr;
 		first = at < first ? at : first;
 	}
 	return first;
 }
 
-/* 0 if the fault is Python's to serve; 1 if it was served, 2 if that left its region
- * or the client over a resident limit (Python is to demote now). */
-static int serve(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
-		 int nregions, const struct uffd_msg *m, const struct read *rd,
-		 struct ufc_fault_call *call)
+/* Serve the messages of one read; those left (events, and faults not served) move to
+ * the front of msgs, in order, with their reasons in call->why: their count. */
+static int serve_read(int uffd, const struct ufc_pool_view *pool,
+		      struct ufc_region_view *const *regions, int nregions, struct uffd_msg *m,
+		      int n, int32_t *why, struct ufc_fault_call *call)
 {
-	uint64_t flags = m->arg.pagefault.flags;
-	if (m->event != UFFD_EVENT_PAGEFAULT || flags & UFFD_PAGEFAULT_FLAG_MINOR)
-		return 0;
-	uint64_t addr = m->arg.pagefault.address & ~(uint64_t)(UFC_PAGE_SIZE - 1);
-	int at = region_of(regions, nregions, addr);
-	if (at < 0)
-		return 0;
-	uint64_t freed = first_freed(rd, addr);
-	if (freed == addr)   /* its page is being freed: Python's, after the free */
-		return 0;
-	struct ufc_region_view *r = regions[at];
-	int64_t page = (int64_t)((addr - r->base) / UFC_PAGE_SIZE), restored = 0;
-	int64_t before_free = (int64_t)((freed - addr) / UFC_PAGE_SIZE);
-	uint8_t state = r->state[page];
-	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
-		if (state != UFC_STATE_READONLY || !upgrade(uffd, r, page, call))
-			return 0;
-	} else if (state != UFC_STATE_DEMOTED) {
-		return 0;
-	} else {
-		restored = flags & UFFD_PAGEFAULT_FLAG_WRITE ? restore_write(uffd, pool, r, page, call)
-							     : restore_read(uffd, pool, r, page,
-									    before_free, call);
-		if (!restored)
-			return 0;
+	/* a fork or an mremap changes what the books mean: every fault after it */
+	int reshaped = 0;
+	for (int i = 0; i < n; i++)
+		reshaped |= m[i].event == UFFD_EVENT_FORK || m[i].event == UFFD_EVENT_REMAP;
+	int left = 0;
+	for (int i = 0; i < n; i++) {
+		int verdict;
+		if (m[i].event != UFFD_EVENT_PAGEFAULT) {
+			verdict = UFC_LEFT_EVENT;
+		} else if (reshaped) {
+			verdict = UFC_LEFT_AFTER_EVENTS;
+		} else {
+			uint64_t addr = m[i].arg.pagefault.address & ~(uint64_t)(UFC_PAGE_SIZE - 1);
+			struct ufc_plan p;
+			ufc_plan_fault(regions, nregions, addr, m[i].arg.pagefault.flags,
+				       m[i].arg.pagefault.feat.ptid, first_freed(m, n, addr), call, &p);
+			verdict = apply(uffd, pool, regions, addr, &p, call);
+		}
+		if (verdict == UFC_FAULT_DONE)
+			continue;
+		why[left] = verdict;
+		if (left != i)
+			m[left] = m[i];
+		left++;
 	}
-	r->referenced[page] = 1;
-	call->room -= restored;
-	if (r->faults++ == 0)
-		call->touched[call->ntouched++] = at;
-	r->restored += restored;
-	return (r->limit >= 0 && resident(r) > r->limit) || call->room < 0 ? 2 : 1;
+	return left;
+}
+
+static void start(struct ufc_region_view *const *regions, int nregions, struct ufc_fault_call *call)
+{
+	call->room = INT64_MAX;   /* pages the client's own resident limit lets in */
+	if (call->client_limit >= 0) {
+		call->room = call->client_limit;
+		for (int i = 0; i < nregions; i++)
+			call->room -= resident(regions[i]);
+	}
+	call->ntouched = call->nreleased = call->over = call->drained = 0;
+}
+
+int ufc_serve_msgs(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
+		   int nregions, void *msgs, int n, struct ufc_fault_call *call)
+{
+	if (n > call->max_faults)   /* released[] holds one entry a fault */
+		return -EINVAL;
+	start(regions, nregions, call);
+	return serve_read(uffd, pool, regions, nregions, msgs, n, call->why, call);
 }
 
 int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_region_view *const *regions,
@@ -243,45 +425,34 @@ int ufc_serve_faults(int uffd, const struct ufc_pool_view *pool, struct ufc_regi
 		     struct ufc_fault_call *call)
 {
 	struct uffd_msg *m = msgs;
-	call->room = INT64_MAX;   /* pages the client's own resident limit lets in */
-	if (call->client_limit >= 0) {
-		call->room = call->client_limit;
-		for (int i = 0; i < nregions; i++)
-			call->room -= resident(regions[i]);
-	}
-	int served = 0;
+	int left = 0, seen = 0;
 	int64_t idle_since = now_ns();
-	call->ntouched = call->nreleased = call->nmsgs = 0;
-	/* at most one entry released per fault: released[] holds max_faults */
-	while (served < call->max_faults) {
-		ssize_t got = read(uffd, m, (size_t)max_msgs * sizeof(*m));
+	start(regions, nregions, call);
+	/* one read at a time, until one leaves an event: Python's books must hear of it
+	 * before any later fault is served from them */
+	while (!call->over) {
+		int room = max_msgs - left < call->max_faults - seen ? max_msgs - left
+								       : call->max_faults - seen;
+		if (room <= 0)
+			break;
+		ssize_t got = read(uffd, m + left, (size_t)room * sizeof(*m));
 		if (got < 0 && errno != EAGAIN)
-			return -errno;
+			return left ? left : -errno;
 		int n = got < 0 ? 0 : (int)(got / (ssize_t)sizeof(*m));
 		if (n == 0) {
-			if (now_ns() - idle_since >= spin_ns)
-				return 0;
+			if (now_ns() - idle_since >= spin_ns) {
+				call->drained = 1;
+				break;
+			}
 			continue;
 		}
-		/* Faults are served here around what the read's frees cover (struct read); a
-		 * fork or an mremap among them and the whole read is Python's, which serves
-		 * every read's events before its faults. */
-		struct read rd = { m, n };
-		for (int i = 0; i < n; i++)
-			if (m[i].event == UFFD_EVENT_FORK || m[i].event == UFFD_EVENT_REMAP) {
-				call->nmsgs = n;
-				return 0;
-			}
-		for (int i = 0; i < n; i++) {
-			int rc = served < call->max_faults ?
-				 serve(uffd, pool, regions, nregions, &m[i], &rd, call) : 0;
-			served += rc > 0;
-			if (rc != 1) {   /* messages i..n-1 (or i+1..n-1) are Python's, in order */
-				call->nmsgs = n;
-				return rc ? i + 1 : i;
-			}
-		}
+		seen += n;
+		int before = left;
+		left += serve_read(uffd, pool, regions, nregions, m + left, n, call->why + left, call);
+		for (int i = before; i < left; i++)
+			if (call->why[i] == UFC_LEFT_EVENT)
+				return left;
 		idle_since = now_ns();
 	}
-	return 0;
+	return left;
 }

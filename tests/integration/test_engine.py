@@ -1,7 +1,7 @@
-"""The fault fast path (engine/faults.c) on the real kernel: faults served by the shim's
-loop must give every page its bytes, of every kind the pool stores, and leave limits,
-readahead, write budgets and pool entries as Python's path does. Each test runs with
-the fast path and with Python alone."""
+"""The fault engine (engine/faults.c) on the real kernel: every fault it serves must give
+its page its bytes, of every kind the pool stores, and leave limits, readahead, write
+budgets and pool entries in the books as the design says. (tests/unit/test_engine.py
+holds its decisions against a model, without a kernel.)"""
 import ctypes
 
 import numpy as np
@@ -30,12 +30,11 @@ def mixed_pages(n, seed=0):
     return pages
 
 
-@pytest.fixture(params=["1", "0"], ids=["native", "python"])
-def node(request, monkeypatch):
-    monkeypatch.setenv("UFCRAM_FAST_PATH", request.param)
+@pytest.fixture
+def node(monkeypatch):
     monkeypatch.setenv("UFCRAM_FAULT_AROUND", "16")   # the page counts below assume it
     with ufcram.Node(capacity=64 * MiB) as n:
-        yield n, request.param == "1"
+        yield n
 
 
 def read_each(a, order):
@@ -44,18 +43,18 @@ def read_each(a, order):
 
 
 def test_random_reads_restore_every_kind_of_page(node):
-    n, native = node
+    n = node
     data = mixed_pages(512)
     r, a = filled(n, data, write_budget=0)
     r.demote()
+    before = r.stats()
     order = np.random.default_rng(1).permutation(len(data))
     assert np.array_equal(read_each(a, order), data[order])
     stats = r.stats()
     assert stats["readonly"] == len(data) and stats["demoted"] == 0
-    assert stats["restores"] >= len(data) // 2   # fault-around takes the odd neighbour
-    # the fast path serves random reads when on, and nothing when off
-    assert (stats["fast_path_faults"] > len(data) // 2) if native else \
-        stats["fast_path_faults"] == 0
+    assert stats["restores"] - before["restores"] == len(data)
+    faults = stats["faults"] - before["faults"]
+    assert len(data) // 2 < faults <= len(data)   # fault-around takes the odd neighbour
     del a
     r.close()
 
@@ -67,10 +66,10 @@ def spaced(count, gap=20):
 
 
 @pytest.mark.parametrize("scope", ["region", "client"])
-def test_fast_path_hands_over_at_the_resident_limit(node, scope):
-    """Up to the limit the fast path restores what the window asks; the fault that
-    crosses it brings its own page in, and Python demotes down to the low watermark."""
-    n, native = node
+def test_engine_hands_over_at_the_resident_limit(node, scope):
+    """Up to the limit the engine restores what the window asks; the fault that crosses
+    it brings its own page in, and Python demotes down to the low watermark."""
+    n = node
     limit = 32
     data = text_pages(1024, seed=2)
     if scope == "client":   # what `ufcram run --resident-limit` sets: over all regions
@@ -85,12 +84,12 @@ def test_fast_path_hands_over_at_the_resident_limit(node, scope):
         assert np.array_equal(a[p], data[p])
     stats = r.stats()
     assert stats["resident"] == limit
-    assert stats["fast_path_faults"] - before["fast_path_faults"] == (limit if native else 0)
+    assert stats["faults"] - before["faults"] == limit
     # one load: the page is not touched again, so the demotion this read sets off
     # cannot take it and fault it back in
     assert a[order[-1], 7] == data[order[-1], 7]
     stats = r.stats()
-    assert stats["fast_path_faults"] - before["fast_path_faults"] == (limit + 1 if native else 0)
+    assert stats["faults"] - before["faults"] == limit + 1
     # (a page the demotion takes may come back: only at least one more restore here)
     assert stats["restores"] - before["restores"] > limit and stats["resident"] < limit
     del a
@@ -105,10 +104,10 @@ def mapped_pages(region):
 
 
 def test_a_burst_of_reads_is_demoted_as_it_goes(node):
-    """The fast path hands each fault past the limit to Python's demotion at once, so a
+    """The engine hands each fault past the limit to Python's demotion at once, so a
     burst of 250 reads ends near the limit, not 250 pages over it (the loop would
     serve them all before it let go: they come faster than it stops waiting)."""
-    n, _ = node
+    n = node
     limit = 32
     data = text_pages(1024, seed=12)
     r, a = filled(n, data, write_budget=0, resident_limit=limit * PAGE_SIZE)
@@ -123,9 +122,9 @@ def test_a_burst_of_reads_is_demoted_as_it_goes(node):
 
 
 def test_sequential_reads_restore_a_window_per_fault(node):
-    """A scan restores a readahead window of pages per fault (native or not), and
-    stays sequential where it reads through pages still in memory."""
-    n, native = node
+    """A scan restores a readahead window of pages per fault, and stays sequential
+    where it reads through pages still in memory."""
+    n = node
     data = text_pages(1024, seed=4)
     r, a = filled(n, data, write_budget=0)
     r.demote()
@@ -136,9 +135,7 @@ def test_sequential_reads_restore_a_window_per_fault(node):
     stats = r.stats()
     # ~180: a window per 16 pages, a fault per page where every other one is in memory
     assert stats["faults"] - before["faults"] < len(data) // 4
-    faults = stats["faults"] - before["faults"]
     assert stats["restores"] - before["restores"] == len(data) - 128   # not those in memory
-    assert stats["fast_path_faults"] - before["fast_path_faults"] == (faults if native else 0)
     del a
     r.close()
 
@@ -146,7 +143,7 @@ def test_sequential_reads_restore_a_window_per_fault(node):
 def test_scans_read_through_pages_still_in_memory(node):
     """Runs of 16 demoted pages between pairs of pages in memory: a scan that reads
     through each pair is still sequential, so each run comes in with one fault."""
-    n, _ = node
+    n = node
     data = text_pages(18 * 56, seed=7)
     r, a = filled(n, data, write_budget=0)
     r.demote()
@@ -160,10 +157,10 @@ def test_scans_read_through_pages_still_in_memory(node):
     r.close()
 
 
-def test_pages_served_by_the_fast_path_demote_again(node):
-    """After the fast path the tables must be Python's own: pages written, dropped
+def test_pages_served_by_the_engine_demote_again(node):
+    """The tables the engine moves are the ones demotion reads: pages written, dropped
     clean and demoted again, every byte stays."""
-    n, _ = node
+    n = node
     data = mixed_pages(256, seed=5)
     r, a = filled(n, data, write_budget=32)
     rng = np.random.default_rng(6)
@@ -174,7 +171,7 @@ def test_pages_served_by_the_fast_path_demote_again(node):
         written = rng.choice(len(data), 64, replace=False)
         data[written, round_] += 1
         a[written, round_] += 1
-        # more entries grow the pool's arrays and arenas under the fast path's view
+        # more entries grow the pool's arrays and arenas under the engine's view
         extra = ufcram.Region(64 * PAGE_SIZE, node=n)
         extra.array()[:] = round_ + 1
         extra.demote()
@@ -195,7 +192,7 @@ def test_writes_within_the_budget_then_promoted(node, first_read):
     """Writes to demoted pages (restored writable) or read-only ones (upgraded in place):
     writable within the budget, normal memory past it, each write's byte kept, and
     every written page's stale entry released."""
-    n, native = node
+    n = node
     data = mixed_pages(256, seed=8)
     budget = 40
     r, a = filled(n, data, write_budget=budget)
@@ -211,17 +208,16 @@ def test_writes_within_the_budget_then_promoted(node, first_read):
     assert stats["writable"] == budget and stats["normal"] == 128 - budget
     assert stats["promotions"] - before["promotions"] == 128 - budget
     assert stats["budget_refusals"] - before["budget_refusals"] == 128 - budget
-    served = stats["fast_path_faults"] - before["fast_path_faults"]
-    assert served == (128 if native else 0)
+    assert stats["faults"] - before["faults"] == 128
     assert entries_held(n) == held - 128
     del a
     r.close()
 
 
-def test_auto_budgets_share_their_count_with_the_fast_path(node):
-    """Pages the fast path makes writable under auto budgets count in the node-wide
-    tally the budgets read, as Python's own grants do."""
-    n, native = node
+def test_auto_budgets_share_their_count_with_the_engine(node):
+    """Pages the engine makes writable under auto budgets count in the node-wide tally
+    the budgets read."""
+    n = node
     datas = [text_pages(128, seed=s) for s in (9, 10)]
     regions = [filled(n, data, write_budget="auto") for data in datas]
     for (r, a), data in zip(regions, datas):
@@ -234,7 +230,6 @@ def test_auto_budgets_share_their_count_with_the_fast_path(node):
     assert n.stats()["auto_budget_writable_pages"] == writable
     for (r, a), data in zip(regions, datas):
         assert np.array_equal(a, data)
-        assert (r.stats()["fast_path_faults"] > 0) == native
         del a
         r.close()
     assert n.stats()["auto_budget_writable_pages"] == 0
@@ -242,29 +237,25 @@ def test_auto_budgets_share_their_count_with_the_fast_path(node):
 
 def test_faults_find_their_region_among_many(node):
     """Regions come and go between faults: each fault is served in the region that
-    holds it (the fast path searches them by address), with that region's bytes."""
-    n, native = node
+    holds it (the engine searches them by address), with that region's bytes."""
+    n = node
     rng = np.random.default_rng(11)
     live = {}
     for step in range(60):
         if live and rng.random() < 0.3:   # one goes, the others stay where they are
-            r, a, data, _ = live.pop(int(rng.choice(list(live))))
+            r, a, data = live.pop(int(rng.choice(list(live))))
             del a
             r.close()
         data = text_pages(int(rng.integers(1, 9)), seed=step)
         r, a = filled(n, data, write_budget=int(rng.integers(0, 3)))
         r.demote()
-        live[step] = (r, a, data, r.stats()["faults"])
-        for _, (r, a, data, _) in sorted(live.items(), key=lambda kv: rng.random()):
+        live[step] = (r, a, data)
+        for _, (r, a, data) in sorted(live.items(), key=lambda kv: rng.random()):
             p = int(rng.integers(0, len(data)))
             if rng.random() < 0.3:
                 a[p, 1] = data[p, 1] = step
             assert np.array_equal(a[p], data[p])
-    for r, a, data, before in live.values():
+    for r, a, data in live.values():
         assert np.array_equal(a, data)
-        stats = r.stats()
-        # every fault since the demotion was on a demoted or read-only page: the fast
-        # path's, each one in the right region
-        assert stats["fast_path_faults"] == (stats["faults"] - before if native else 0)
         del a
         r.close()

@@ -20,7 +20,7 @@ from ufcram.handler.guard import Repeats
 from ufcram.handler.loop import Handler
 from ufcram.store.pagetable import PAGE_SIZE
 from ufcram.store.pool import Pool
-from ufcram.app.uffd import EVENT_PAGEFAULT, EVENT_REMOVE
+from ufcram.app.uffd import EVENT_PAGEFAULT, EVENT_REMOVE, MSG_DTYPE
 
 pytestmark = pytest.mark.timeout(10)
 BASE = 1 << 30
@@ -89,22 +89,35 @@ def test_failed_request_gets_an_error_reply_and_the_client_stays(handler, monkey
     ours.close()
 
 
+def fault_msgs(*faults):
+    """uffd messages: (event, arg0, arg1, arg2) each."""
+    msgs = np.zeros(len(faults), MSG_DTYPE)
+    for i, (event, a0, a1, a2) in enumerate(faults):
+        msgs["event"][i], msgs["arg0"][i], msgs["arg1"][i], msgs["arg2"][i] = event, a0, a1, a2
+    return msgs
+
+
+def fields(msgs):
+    return msgs[["event", "arg0", "arg1", "arg2"]].tolist()
+
+
 def test_fault_whose_serving_raised_is_retried_until_it_is_served(handler, monkeypatch):
     client = ready_client(handler)
-    pager, calls = handler.pager, []
+    calls = []
 
-    def resolve_on_third_try(*args):
-        calls.append(args[2])
+    def serve_on_third_try(client, msgs, cover=True):
+        calls.append(msgs["arg1"].tolist())
         if len(calls) < 3:
             raise Bug("a bug that passes")
-    monkeypatch.setattr(pager, "resolve", resolve_on_third_try)
-    region = pager.fault(client, BASE + 3 * PAGE_SIZE, 0, 11)
-    assert region is client.regions[1]
-    assert pager.deferred == [(client, BASE + 3 * PAGE_SIZE, 0, 11)]
-    pager.resolve_deferred()
-    assert len(pager.deferred) == 1
-    pager.resolve_deferred()
-    assert pager.deferred == [] and calls == [BASE + 3 * PAGE_SIZE] * 3
+        return 0, ()
+    monkeypatch.setattr(handler.engine, "serve_msgs", serve_on_third_try)
+    fault = fault_msgs((EVENT_PAGEFAULT, 0, BASE + 3 * PAGE_SIZE, 11))
+    handler.serve_given(client, fault)
+    assert [(c is client, fields(m)) for c, m in handler.deferred] == [(True, fields(fault))]
+    handler.resolve_deferred()
+    assert len(handler.deferred) == 1
+    handler.resolve_deferred()
+    assert handler.deferred == [] and calls == [[BASE + 3 * PAGE_SIZE]] * 3
 
 
 def test_a_bug_serving_one_client_never_unwinds_anothers_demotion(handler, monkeypatch):
@@ -118,23 +131,26 @@ def test_a_bug_serving_one_client_never_unwinds_anothers_demotion(handler, monke
     a.agent = AgentLink(a_agent)
     b = ready_client(handler, uffd_fd=b_read.fileno())
     b_write.send(b"!")
-    monkeypatch.setattr(handler.pager, "resolve", boom)
+    monkeypatch.setattr(handler.engine, "serve_msgs", boom)
     monkeypatch.setattr(events, "dispatch", boom)
+    msgs = fault_msgs((EVENT_PAGEFAULT, 0, BASE, 5), (EVENT_REMOVE, BASE, BASE + PAGE_SIZE, 0))
+
+    reads = []
 
     def read_faults(client, spin):
         assert client is b
-        b_read.recv(1)
-        msgs = handler.msgs
-        for i, (event, a0, a1, a2) in enumerate([(EVENT_PAGEFAULT, 0, BASE, 5),
-                                                 (EVENT_REMOVE, BASE, BASE + PAGE_SIZE, 0)]):
-            msgs["event"][i], msgs["arg0"][i], msgs["arg1"][i], msgs["arg2"][i] = \
-                event, a0, a1, a2
+        reads.append(b_read.recv(1) if not reads else b"")
+        if reads[-1] != b"!":
+            return 0, (), True   # the queue is empty now
+        # as the engine leaves them: the fault after the free its read holds
+        handler.msgs[:2] = msgs
+        handler.engine.why[:2] = [lib.UFC_LEFT_AFTER_EVENTS, lib.UFC_LEFT_EVENT]
         # A's agent answers while B is served: the next poll finds the reply
         a_theirs.send(REPLY.pack(lib.UFC_AGENT_MAGIC, a.agent.seq, 0, 99, 4096))
-        return 0, 2, ()
+        return 2, (), False
     monkeypatch.setattr(handler, "read_faults", read_faults)
     assert handler.pager.await_agent(a) == (0, 4096)
-    assert handler.pager.deferred == [(b, BASE, 0, 5)]
+    assert [(c is b, fields(m)) for c, m in handler.deferred] == [(True, fields(msgs[:1]))]
     assert np.count_nonzero(b.regions[1].table.state) == 0   # the REMOVE was skipped
     assert set(handler.by_uffd.values()) == {a, b}
     for s in (a_agent, a_theirs, a_uffd, a_quiet, b_read, b_write):

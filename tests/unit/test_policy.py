@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ufcram.errors import UfcramError
-from ufcram.handler.policy import (ENTRY_OVERHEAD, PAGE_SIZE, Clock, Overflow, Readahead, ResidentLimit,
+from ufcram.handler.policy import (ENTRY_OVERHEAD, PAGE_SIZE, Clock, Overflow, ResidentLimit,
                            WriteBudget, exposed_pages)
 
 pytestmark = pytest.mark.timeout(10)
@@ -71,25 +71,3 @@ def test_overflow_hysteresis():
 def test_balloon_follows_the_ratio():
     assert exposed_pages(PAGE_SIZE * 100, 0, 0) == 100
     assert exposed_pages(PAGE_SIZE * 100, 1000, 1000 * 1024) == 400
-
-
-def test_readahead_grows_on_sequential_faults_and_resets_on_random_ones():
-    ra = Readahead(8)
-    assert [ra.pages(p) for p in (10, 11, 13, 17)] == [1, 2, 4, 8]
-    assert ra.pages(25) == 8                     # capped
-    assert ra.pages(3) == 1                      # random: back to one page
-    ra.pages(4)
-    ra.ran(4, 1)                                 # fewer came in than asked
-    assert ra.pages(5) == 4
-
-
-def test_readahead_stays_sequential_across_pages_still_in_memory():
-    ra = Readahead(8)
-    assert [ra.pages(p) for p in (0, 1, 3)] == [1, 2, 4]
-    ra.ran(3, 2)                                 # cut short by a resident page at 5
-    assert ra.skipped(9) == (5, 9)
-    assert ra.pages(9, read_through=True) == 8   # faults after 4 resident pages
-    assert ra.skipped(9 + 8 + 9) is None         # further than a window
-    assert ra.pages(9 + 8 + 9, read_through=True) == 1
-    ra.pages(30)
-    assert ra.pages(32) == 1                     # page 31 was not in memory: a stride

@@ -17,7 +17,7 @@ from ufcram import config
 from .policy import Clock, Readahead, ResidentLimit, WriteBudget
 from ufcram.app.uffd import Uffd
 
-COUNTERS = ("faults", "demotions", "clean_redemotions", "restores", "fast_path_faults",
+COUNTERS = ("faults", "demotions", "clean_redemotions", "restores",
             "promotions", "budget_refusals", "zero_fills", "refused_full", "refused_closed",
             "reaped")
 

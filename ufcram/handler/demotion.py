@@ -45,7 +45,7 @@ def batches(pages, max_pages, max_runs, keep=None):
 
 
 class Demotion:
-    """The part of the Pager (faults.py) that demotes."""
+    """The part of the Pager (pager.py) that demotes."""
 
     def demote(self, client, region, pages):
         """Demote the present pages among `pages` (sorted). Clean read-only pages are

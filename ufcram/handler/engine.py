@@ -1,20 +1,19 @@
-"""The fault fast path (engine/faults.c): a client's faults on demoted and read-only pages are
-served from the page tables without a trip through Python; the rest come back in order.
+"""The fault engine's Python face: a client's faults go to native/engine/faults.c, which
+decides and serves each from the page tables; what it leaves comes back with its reason.
 
-Python keeps deciding: the tables say which pages are demoted or read-only and where
-their entries are, the limits bound what comes in, the budgets' grants are handed over
-per call, and the entries of written pages come back here to be released.
+Python hands over the numbers per call (the limits' room, the write grants, whether the
+client's process tree is being demoted) and releases the entries of written pages.
 """
-import logging
 import weakref
 
 import numpy as np
 
 from ufcram import config
 from ufcram._shim import ffi, lib
+from ufcram.app.uffd import MSG_DTYPE
 from ufcram.errors import UffdError
+from ufcram.store.pagetable import PAGE_SIZE
 
-log = logging.getLogger("ufcram.handler")
 MAX_FAULTS = 256   # per call: other descriptors wait at most this many faults
 
 
@@ -66,62 +65,90 @@ class ClientViews:
         self.auto = next((r for r in self.regions if r.budget.spec == "auto"), None)
 
 
-class FastPath:
+class Engine:
+    """Calls into the fault engine for the handler, with one set of buffers: msgs (the
+    handler's, where the messages it leaves end up, in order) and why, their reasons."""
+
     def __init__(self, pager, msgs):
         self.pager = pager
         self.pool = pager.pool
         self.msgs = msgs
         self.msgs_ptr = ffi.from_buffer(msgs)
+        self.why = np.zeros(len(msgs), np.int32)
         self.spin_ns = int(config.get("UFCRAM_SPIN_US", float) * 1000)
-        self.enabled = bool(config.get("UFCRAM_FAST_PATH"))
         self.clients = weakref.WeakKeyDictionary()   # client -> ClientViews
         self.regions = weakref.WeakKeyDictionary()   # region -> RegionView
-        self.call = ffi.new("struct ufc_fault_call *")
+        self.call = call = ffi.new("struct ufc_fault_call *")
         self.released = ffi.new("int64_t[]", MAX_FAULTS)
         # (pages, 4096): fault-around restores up to that many pages at once
-        self.bounce = ffi.from_buffer(pager.bounce)
-        self.call.bounce, self.call.bounce_pages = self.bounce, len(pager.bounce)
-        self.call.released, self.call.max_faults = self.released, MAX_FAULTS
+        self.bounce = np.zeros((config.get("UFCRAM_FAULT_AROUND") or 1, PAGE_SIZE), np.uint8)
+        self.keep = [ffi.from_buffer(self.bounce), ffi.from_buffer("int32_t[]", self.why)]
+        call.bounce, call.bounce_pages = self.keep[0], len(self.bounce)
+        call.why = self.keep[1]
+        call.released, call.max_faults = self.released, MAX_FAULTS
 
-    def serve(self, client, spin):
-        """Read client's messages, serving what the fast path can (and, with spin,
-        waiting up to UFCRAM_SPIN_US for more); returns (first, n, regions served in):
-        msgs[first:n] are the caller's to serve, in order."""
+    def serve(self, client, spin=False):
+        """Read client's messages and serve their faults (with spin, waiting up to
+        UFCRAM_SPIN_US for more); returns (left, regions served in): msgs[:left] are
+        left to the caller, in order, with their reasons in why[:left]."""
+        views = self.prepare(client)
+        left = lib.ufc_serve_faults(client.uffd.fd, self.pool.view(), views.array,
+                                    len(views.regions), self.msgs_ptr, len(self.msgs),
+                                    self.spin_ns if spin else 0, self.call)
+        return self.finish(views, left)
+
+    def serve_msgs(self, client, msgs, cover=True):
+        """Serve messages already read (as one read); the same answer as serve()."""
+        msgs = np.asarray(msgs, MSG_DTYPE)
+        assert len(msgs) <= min(MAX_FAULTS, len(self.msgs))
+        self.msgs[:len(msgs)] = msgs
+        views = self.prepare(client, cover)
+        left = lib.ufc_serve_msgs(client.uffd.fd, self.pool.view(), views.array,
+                                  len(views.regions), self.msgs_ptr, len(msgs), self.call)
+        return self.finish(views, left)
+
+    def prepare(self, client, cover=True):
         views = self.clients.get(client)
         if views is None or views.generation != client.layout_generation:
             views = self.clients[client] = ClientViews(client, self.regions)
-        call = self.call
+        pager, call = self.pager, self.call
         call.client_limit = -1 if client.limit.pages is None else max(
-            0, client.limit.pages - self.pager.group_others_resident(client))
-        call.may_grant = not self.pager.overflow.closed and client.parent is None
-        grants = 0
+            0, client.limit.pages - pager.group_others_resident(client))
+        call.may_grant = not pager.overflow.closed and client.parent is None
+        call.throttle = bool(pager.enforcing) and client.group_key in pager.enforcing
+        call.cover = cover and client.covers_mappings
+        # the agent that demotes its memory: a forked child's inherited memory is copied
+        # by the agent of the client its process joined with, whose faults there must
+        # not wait on the demotion they are part of
+        agent = pager.agent_client(client)
+        call.agent_tid = max(agent.agent_tid, 0) if agent is not None else 0
+        self.grants = 0
         if call.may_grant and views.auto is not None:
-            in_use, allowed = self.pager.budget_use(views.auto)
-            grants = max(0, allowed - in_use)
-        call.auto_grants, call.touched = grants, views.touched
-        first = lib.ufc_serve_faults(client.uffd.fd, self.pool.view(), views.array,
-                                     len(views.regions), self.msgs_ptr, len(self.msgs),
-                                     self.spin_ns if spin else 0, call)
-        self.pager.auto_writable.pages += grants - call.auto_grants
+            in_use, allowed = pager.budget_use(views.auto)
+            self.grants = max(0, allowed - in_use)
+        call.auto_grants, call.touched = self.grants, views.touched
+        return views
+
+    def finish(self, views, left):
+        call = self.call
+        self.pager.auto_writable.pages += self.grants - call.auto_grants
         if call.nreleased:
             self.pager.release_entries(np.frombuffer(
                 ffi.buffer(self.released, 8 * call.nreleased), np.int64).copy())
         served = [self.account(views, i) for i in ffi.unpack(call.touched, call.ntouched)]
-        if first < 0:
-            raise UffdError(-first, "read(userfaultfd)")
-        return first, call.nmsgs, served
+        if left < 0:
+            raise UffdError(-left, "read(userfaultfd)")
+        return left, served
 
     @staticmethod
     def account(views, i):
-        """Count a region's faults served here as Python counts its own (and apart, as
-        fast_path_faults)."""
+        """Count what the engine did in a region into the region's counters."""
         view, region = views.array[i], views.regions[i]
         counters = region.counters
         counters["faults"] += view.faults
-        counters["fast_path_faults"] += view.faults
         counters["restores"] += view.restored
         counters["promotions"] += view.promoted
         counters["budget_refusals"] += view.promoted
-        view.faults = view.restored = view.promoted = 0
+        counters["zero_fills"] += view.zero_filled
+        view.faults = view.restored = view.promoted = view.zero_filled = 0
         return region
-

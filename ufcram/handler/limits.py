@@ -13,7 +13,7 @@ OTHERS_TTL = 0.002   # seconds a sum of a group's other clients' resident pages 
 
 
 class Limits:
-    """The part of the Pager (faults.py) that holds limits."""
+    """The part of the Pager (pager.py) that holds limits."""
 
     def enforce_limit(self, client, region):
         """Past the region's resident limit, demote its coldest pages."""
@@ -28,18 +28,16 @@ class Limits:
         group's largest regions first. A client without a group is one of its own. The
         regions of a client without an agent (a forked child's inherited memory) count,
         and are dropped where clean, by the agent of the client its process joined with."""
-        self.enforcing.add(client.group_key)
+        key = client.group_key   # the same key at the end: client may leave meanwhile
+        self.enforcing.add(key)
         try:
             self.demote_group_excess(client)
         finally:
-            self.enforcing.discard(client.group_key)
-            pending, self.throttled = self.throttled, []
-            for fault in pending:
-                if fault[0].ready:
-                    self.fault(*fault)
+            self.enforcing.discard(key)
+            self.resolve_deferred()   # the faults it held back (UFC_LEFT_WAIT)
 
     def group_others_resident(self, client):
-        """Pages resident in the other clients of client's group: what the fast path
+        """Pages resident in the other clients of client's group: what the fault engine
         leaves out of the group's limit. Summed at most every OTHERS_TTL seconds: it is
         asked on every drain, and a process tree's regions are many."""
         if client.group is None:

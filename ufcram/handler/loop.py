@@ -1,7 +1,7 @@
 """The fault handler: one process per node. A single-threaded event loop over every
 client's control socket and userfaultfd (and a listening socket for a shared node);
-faults and events go to the pager, requests are answered in requests.py (a part of
-the Handler class).
+uffds are served in faults.py and requests answered in requests.py (parts of the Handler
+class); policy work (limits, overflow, the periodic scan) runs between turns.
 """
 import argparse
 import errno
@@ -17,20 +17,20 @@ import time
 import numpy as np
 
 from ufcram import config
-
-from . import coverage, events, pinned, proc
 from ufcram import protocol as P
-from .client import Client
-from .demotion import POLLIN
+from ufcram.app.uffd import MSG_DTYPE
 from ufcram.errors import UfcramError, UffdError, UffdRetry
 from ufcram.store.pagetable import NO_ENTRY, PAGE_SIZE
-from .faults import Pager
-from .policy import Overflow
 from ufcram.store.pool import Pool
-from .engine import FastPath
+from . import pinned
+from .client import Client
+from .demotion import POLLIN
+from .engine import Engine
+from .faults import Faults
 from .guard import Repeats
+from .pager import Pager
+from .policy import Overflow
 from .requests import DEPARTED, Requests
-from ufcram.app.uffd import EVENT_PAGEFAULT, MSG_DTYPE
 from .wakeup import FastWake, poll_spinning
 
 log = logging.getLogger("ufcram.handler")
@@ -38,7 +38,7 @@ DEFERRED_RETRY = 0.001   # seconds between retries of faults that met EAGAIN
 LIMIT_RETRY = 0.01       # seconds before a limit whose demotion failed is enforced again
 
 
-class Handler(Requests):
+class Handler(Requests, Faults):
     def __init__(self, pool, listener=None, persist=False):
         self.pool = pool
         self.listener = listener
@@ -49,14 +49,16 @@ class Handler(Requests):
         self.msgs = np.zeros(64, MSG_DTYPE)
         self.overflow = Overflow()
         self.repeats = Repeats(log)   # errors said once per client, then counted
+        self.deferred = []     # (client, faults): those that wait (faults.py)
         self.pager = Pager(pool, self.overflow, self.by_uffd, self.drain_uffd,
+                           self.resolve_deferred,
                            int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000),
                            self.repeats)
         self.scan_interval = config.get("UFCRAM_SCAN_INTERVAL", float)
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
         self.fast_wake = FastWake()
-        self.fast_path = FastPath(self.pager, self.msgs)
+        self.engine = Engine(self.pager, self.msgs)
         self.next_scan = time.monotonic() + self.scan_interval
         self.touched = set()   # (client, region id) that faulted since the last check
         self.limits_due = set()   # (client, region id or None) whose enforcement failed
@@ -129,7 +131,7 @@ class Handler(Requests):
         now = time.monotonic()
         lapse = self.fast_wake.timeout(now)
         due = self.next_scan - now if lapse is None else min(lapse, self.next_scan - now)
-        if self.pager.deferred:   # retried soon even if no event comes (after_events)
+        if self.deferred:   # retried soon even if no event comes (after_events)
             due = min(due, DEFERRED_RETRY)
         if self.limits_due:
             due = min(due, LIMIT_RETRY)
@@ -137,10 +139,10 @@ class Handler(Requests):
 
     def after_events(self):
         """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
-        if self.pager.deferred:
+        if self.deferred:
             # a fault that met EAGAIN after the last event was read (the thread that
             # caused it had not resumed yet) would otherwise wait for an unrelated event
-            self.pager.resolve_deferred()
+            self.resolve_deferred()
         # a limit whose demotion failed (a range unmapped under its drop, say) is tried
         # again soon: a program that faults no more would otherwise stay over it
         self.touched |= self.limits_due
@@ -241,104 +243,6 @@ class Handler(Requests):
         except UffdError as e:
             return e.errno != errno.ESRCH
         return True
-
-    # --- faults and events -----------------------------------------------------------
-    def drain_uffd(self, client, spin=False):
-        """Serve the client's queued faults and events; with spin, wait a moment for
-        more (the main loop's call, not a nested one that waits on an agent)."""
-        while client.ready:
-            try:
-                first, n, served = self.read_faults(client, spin)
-            except UffdError as e:
-                log.error("client pid %d: reading its uffd failed: %s", client.pid, e)
-                return self.drop_client(client)
-            except Exception as e:
-                # a bug after the read (the fast path's books): the messages read went
-                # with it, so wake every waiter; a thread whose page is still missing
-                # faults again, in a message of its own, instead of waiting forever
-                self.repeats.warn(client, f"serving its uffd failed unexpectedly: {e!r}",
-                                  exc_info=True)
-                return self.wake_all(client)
-            # tuples, not views: nested drains (await_agent) reuse self.msgs. The events
-            # first: the kernel lets a thread that freed pages go on as soon as its event
-            # is read, and a page of those installed for a fault read with it (the kernel
-            # puts faults first) would outlive the free (engine/faults.c serves around those).
-            msgs = self.msgs[first:n]
-            if n - first > 1:   # (most drains leave none: this costs them nothing)
-                faults = msgs["event"] == EVENT_PAGEFAULT
-                if faults.any() and not faults.all():
-                    msgs = np.concatenate((msgs[~faults], msgs[faults]))
-            batch = msgs[["event", "arg0", "arg1", "arg2"]].tolist()
-            if batch or served:
-                self.fast_wake.fault()
-            for region in served:
-                self.faulted(client, region)
-            for event, a0, a1, a2 in batch:
-                if event == EVENT_PAGEFAULT:   # Pager.fault guards itself (it retries)
-                    addr = a1 & ~(PAGE_SIZE - 1)
-                    if client.covers_mappings and client.locate(addr) is None:
-                        self.cover(client, addr)
-                    self.faulted(client, self.pager.fault(client, addr, a0, a2 & 0xFFFFFFFF))
-                else:
-                    self.dispatch_event(client, event, a0, a1, a2)
-            if n < len(self.msgs):
-                # the queue is empty, so no event blocks the ioctls any more: retry the
-                # faults that met EAGAIN (those on pages in flight wait again)
-                return self.pager.resolve_deferred()
-
-    def cover(self, client, addr):
-        """A fault outside every region of a client that covers its mappings: cover the
-        mapping. A bug here is said and the fault is served as outside every region."""
-        try:
-            coverage.cover_fault(self, client, addr)
-        except Exception as e:
-            self.repeats.warn(client, f"covering {addr:#x} failed unexpectedly: {e!r}",
-                              exc_info=True)
-
-    def dispatch_event(self, client, event, a0, a1, a2):
-        """One non-fault event. Nothing raised here may leave: out of the main loop it
-        would end every client's memory with the handler, and out of a drain nested in
-        await_agent it would unwind the demotion in flight there, another client's
-        perhaps. The event has been read and is gone, so a bug is said (once, then
-        counted) and the batch goes on."""
-        try:
-            child = events.dispatch(self.pager, client, event, a0, a1, a2)
-            if child is not None:
-                self.watch_uffd(child)
-        except Exception as e:
-            self.repeats.warn(client, f"event {event} failed unexpectedly: {e!r}",
-                              exc_info=not isinstance(e, (UfcramError, OSError)))
-
-    @staticmethod
-    def wake_all(client):
-        for region in client.regions.values():
-            try:
-                client.uffd.wake(region.table.base, region.table.npages * PAGE_SIZE)
-            except UffdError:   # gone meanwhile: nobody waits there
-                pass
-
-    def read_faults(self, client, spin):
-        """(first, n, regions served in): the messages msgs[first:n] are left to
-        serve, after the fast path served the faults it could."""
-        if client.pid < 0 and client.parent is not None:
-            # a forked child's pid, which its fork event does not say: the process of
-            # its first faulting thread, which waits on our answer so is still there
-            # (read here, for the fast path keeps no tids)
-            n = client.uffd.read_msgs(self.msgs)
-            tids = self.msgs["arg2"][:n][self.msgs["event"][:n] == EVENT_PAGEFAULT]
-            if len(tids):
-                client.pid = proc.thread_group(int(tids[0]) & 0xFFFFFFFF)
-            return 0, n, ()
-        if self.fast_path.enabled:
-            return self.fast_path.serve(client, spin)
-        return 0, client.uffd.read_msgs(self.msgs), ()
-
-    def faulted(self, client, region):
-        """A fault was served in region (None: outside every region): its limits are
-        checked after this turn's events."""
-        if region is not None and (region.limit.pages is not None or
-                                   client.limit.pages is not None):
-            self.touched.add((client, region.id))
 
     def count_departed(self, client):
         """Counters summed over every client that has left (drop_client): a summary read

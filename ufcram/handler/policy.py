@@ -122,46 +122,11 @@ class Readahead:
     """Fault-around for one region, like the kernel's swap readahead: a fault right
     after the previous run doubles the window, any other fault shrinks it to one page,
     so sequential scans restore in runs and random access pays for nothing extra.
-    "Right after" allows a stretch of pages the caller found still in memory between
-    the run and the fault (up to a window's worth): a scan over memory partly resident
-    from its last pass faults only past those pages, and is still sequential."""
+    "Right after" allows a stretch of pages still in memory between the run and the
+    fault (up to a window's worth): a scan over memory partly resident from its last
+    pass faults only past those pages, and is still sequential. The fault engine
+    (engine/faults.c) decides and moves the window; this holds it for the region."""
 
     def __init__(self, max_pages):
         self.max_pages = max(1, int(max_pages))
-        # window and next in an array: the fault fast path (engine/faults.c) moves them too
-        self.cells = np.array([1, -1], np.int64)
-
-    @property
-    def window(self):
-        return int(self.cells[0])
-
-    @window.setter
-    def window(self, pages):
-        self.cells[0] = pages
-
-    @property
-    def next(self):
-        return int(self.cells[1])
-
-    @next.setter
-    def next(self, page):
-        self.cells[1] = page
-
-    def skipped(self, page):
-        """The pages between the expected next fault and this one, if they are few
-        enough to count as read through: (first, last), else None."""
-        if self.next >= 0 and self.next < page <= self.next + self.max_pages:
-            return self.next, page
-        return None
-
-    def pages(self, page, read_through=False):
-        """How many pages, from `page` on, to bring in for a fault at `page`;
-        read_through: the skipped() pages were in memory."""
-        sequential = page == self.next or (read_through and self.skipped(page) is not None)
-        self.window = min(self.window * 2, self.max_pages) if sequential else 1
-        self.next = page + self.window
-        return self.window
-
-    def ran(self, page, count):
-        """Only `count` pages could come in: expect the next fault after them."""
-        self.next = page + count
+        self.cells = np.array([1, -1], np.int64)   # the window, and the page expected next
