@@ -17,9 +17,9 @@ HEADER = struct.Struct("<4sHHII")   # magic, version, op, seq, payload length
 MAX_FRAME = lib.UFC_PROTO_MAX_FRAME
 MAX_FDS = lib.UFC_PROTO_MAX_FDS
 
-# requests (numbered in native/protocol.h, which the preload library speaks too)
+# requests (numbered in native/common/protocol.h, which the preload library speaks too)
 HELLO = lib.UFC_PROTO_HELLO                # fds: uffd, agent socket, staging memfd;
-                                           # payload: staging bytes, agent tid
+                                           # payload: staging bytes, flags
 REGISTER = lib.UFC_PROTO_REGISTER          # start, length, resident limit, budget -> id
 UNREGISTER = lib.UFC_PROTO_UNREGISTER      # region id, restore flag -> pages restored
 DEMOTE = lib.UFC_PROTO_DEMOTE              # region id, offset, length -> pages demoted

@@ -11,7 +11,7 @@ from ufcram.errors import ProtocolError
 pytestmark = pytest.mark.timeout(10)
 
 
-# each request's payload struct in native/protocol.h, its fields in order, and values
+# each request's payload struct in native/common/protocol.h, its fields in order, and values
 # that fill every byte of each field (high bits too)
 C_PAYLOADS = {
     P.HELLO: ("ufc_req_hello", ("staging_bytes", "flags"), (1 << 40 | 3, -2)),

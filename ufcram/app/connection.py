@@ -20,7 +20,7 @@ from .uffd import Uffd, address_of
 _LIVE = weakref.WeakSet()
 # uffds kept open after their handler failed (see close), for the life of the process:
 # closing one would turn the pages lost with the handler into zeros. The agent thread
-# serves them (native/agent.c, fallback), so unmapping at exit does not wait.
+# serves them (native/agent/watcher.c), so unmapping at exit does not wait.
 _KEPT = []
 
 

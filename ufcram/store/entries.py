@@ -1,4 +1,4 @@
-"""Pool entries read back, by the one decoder of their format (native/entries.c): the
+"""Pool entries read back, by the one decoder of their format (native/common/entries.c): the
 pool's view that native code reads entries through, and the lz4 function it calls.
 """
 import ctypes

@@ -8,7 +8,7 @@ from ufcram import config
 from ufcram._shim import lib
 from ufcram.errors import RegionError, StateError
 
-# The page and its states are C's (native/ufcram_native.h), one list for both sides.
+# The page and its states are C's (native/common/ufcram_native.h), one list for both sides.
 PAGE_SIZE = lib.UFC_PAGE_SIZE
 
 UNTOUCHED = lib.UFC_STATE_UNTOUCHED   # never populated (or freed): reads as zeros
