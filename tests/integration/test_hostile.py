@@ -1,11 +1,6 @@
-"""Hostile and broken clients of a shared node: bad frames, bad descriptors, floods,
-lost peers and a fuzzer get an error reply or a closed connection, nothing else.
-
-One well-behaved client (this process) keeps a demoted region on the node throughout;
-after every test the handler is alive, that region's bytes and stats are unchanged, no
-pool entry or handler descriptor is left behind, and a fresh client still works.
+"""Hostile and broken clients of a shared node, each built by hostile.Client: every one
+gets an error reply or a closed connection, and the handler still serves the good client.
 """
-import mmap
 import os
 import socket
 import threading
@@ -21,22 +16,22 @@ import ufcram
 from ufcram import PAGE_SIZE, Region
 from ufcram import protocol as P
 from ufcram._shim import lib
-from ufcram.handler.agent import CMD, REPLY
-from ufcram.app.uffd import Uffd, address_of
 
-from .faults import read_via_kernel, write_via_kernel
+from .faults import read_via_kernel
+from .hostile import (PLAYED, STAGING, Client, assert_refused, dir_fd, full_agent, header,
+                      memfd, pipe_fd, readonly_file_fd, request, silent_agent, uffd_fd)
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
 GOOD_PAGES = 64
-STAGING = 16 * PAGE_SIZE
 AGENT_TIMEOUT = 1.0     # seconds the handler waits for a silent agent, kept short here
-_KEEP = []              # staging buffers an agent thread of ours may still write into
 
 
 # --- the well-behaved client ------------------------------------------------------------
 class Good:
-    """This process's region on the shared node, and what must stay true about it."""
+    """This process's demoted region on the shared node, and what must stay true about
+    it after every test: the handler alive, the region's bytes and stats unchanged, no
+    pool entry or handler descriptor left behind."""
 
     def __init__(self, path, env):
         with pytest.MonkeyPatch.context() as mp:
@@ -68,16 +63,22 @@ class Good:
     def check(self):
         """Unharmed: alive, same stats, same bytes, no entry or descriptor left over."""
         assert self.node.process.poll() is None, "the handler died"
-        wait_until(lambda: self.handler.num_fds() == self.fds,
-                   lambda: f"handler fds {self.handler.num_fds()} != {self.fds}")
+        self.dropped()
         assert self.region.stats() == self.stats
         assert self.node.stats()["pages_stored"] == self.stored
         assert np.array_equal(self.view, self.data)
         self.redemote()
 
     def dropped(self):
-        """Wait until the handler has let a client go."""
-        wait_until(lambda: self.handler.num_fds() == self.fds, lambda: "client not dropped")
+        """Wait until the handler has let every hostile client go."""
+        wait_until(lambda: self.handler.num_fds() == self.fds,
+                   lambda: f"handler fds {self.handler.num_fds()} != {self.fds}")
+
+    def let_go(self, client):
+        """The client leaves; its uffd and memory go once the handler has dropped it."""
+        client.leave()
+        self.dropped()
+        client.release()
 
     def close(self):
         del self.view
@@ -124,144 +125,7 @@ def fresh_client_works(path):
         r.close()
 
 
-# --- raw connections ----------------------------------------------------------------------
-def raw(path, timeout=10.0):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.connect(os.fspath(path))
-    sock.settimeout(timeout)   # a handler that never answers fails the test, not hangs it
-    return sock
-
-
-def send(sock, frame, fds=()):
-    """False if the handler has closed the connection."""
-    try:
-        if fds:
-            socket.send_fds(sock, [frame], list(fds))
-        else:
-            sock.send(frame)
-        return True
-    except (BrokenPipeError, ConnectionResetError):
-        return False
-
-
-def receive(sock):
-    """The next reply frame, or None once the handler has closed the connection."""
-    try:
-        return sock.recv(P.MAX_FRAME) or None
-    except ConnectionResetError:
-        return None
-
-
-def exchange(sock, frame, fds=()):
-    return receive(sock) if send(sock, frame, fds) else None
-
-
-def assert_refused(reply):
-    """An ERROR reply that parses, or a closed connection: nothing else is acceptable."""
-    if reply is None:
-        return
-    op, _, body = P.decode(reply)
-    assert op == P.ERROR, f"a bad request got op {op}"
-    P.parse_error(body)
-
-
-def request(op, *fields, seq=1):
-    return P.encode(op, seq, P.pack_request(op, *fields))
-
-
-def memfd(size):
-    fd = os.memfd_create("hostile-staging")
-    os.ftruncate(fd, size)
-    return fd
-
-
-class RealClient:
-    """A client built by hand as Connection builds one (its own uffd, agent socket and
-    staging memfd), so that it can go on to send what Connection never would. With
-    agent=False this process answers on the agent socket itself (self.agent)."""
-
-    def __init__(self, path, agent=True):
-        self.sock = raw(path)
-        self.mm = None
-        self.seq = 0
-        self.uffd, fds, self.agent = hello_parts(agent)
-        try:
-            assert send(self.sock, request(P.HELLO, STAGING, 0, seq=0), fds)
-            if not agent:
-                answer_agent(self.agent)   # the handler pings the agent before it replies
-            assert P.decode(receive(self.sock))[0] == P.OK
-        finally:
-            close_fds(fds[1:])
-
-    def call(self, op, *fields):
-        """(reply op, body); the connection must survive any request of a ready client."""
-        self.seq += 1
-        reply = exchange(self.sock, request(op, *fields, seq=self.seq))
-        assert reply is not None, f"the handler dropped a ready client for op {op} {fields}"
-        rop, rseq, body = P.decode(reply)
-        assert rseq == self.seq and rop in (P.OK, P.ERROR)
-        return rop, body
-
-    def own_memory(self, pages, seed=0):
-        """A region of our own: registered, written (faults resolved by the handler
-        through our uffd; written by the kernel so no Python thread faults with the
-        GIL held), and announced; returns its region id."""
-        self.mm = mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.addr = address_of(self.mm)
-        self.uffd.register(self.addr, pages * PAGE_SIZE)
-        op, body = self.call(P.REGISTER, self.addr, pages * PAGE_SIZE, P.NO_LIMIT, 2)
-        assert op == P.OK
-        write_via_kernel(self.mm, 0, np.random.default_rng(seed).bytes(pages * PAGE_SIZE))
-        return P.COUNT.unpack(body)[0]
-
-    def close(self):
-        """Leave; our uffd and memory go only once the handler has let us go."""
-        self.sock.close()
-        if self.agent is not None:
-            self.agent.close()
-
-    def release(self):
-        self.uffd.close()   # first: unmapping a registered range waits on the handler
-        if self.mm is not None:
-            self.mm.close()
-
-
-def hello_parts(agent=True):
-    """(uffd, HELLO's descriptors, agent socket): with agent, a native agent thread
-    serves the agent socket (and None is returned for it), as in Connection; without,
-    the caller plays the agent on the socket returned."""
-    uffd = Uffd.open()
-    staging_fd = memfd(STAGING)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    if agent:
-        staging = mmap.mmap(staging_fd, STAGING)
-        _KEEP.append(staging)
-        assert lib.ufc_agent_start(uffd.fd, ours.fileno(), address_of(staging), STAGING) == 0
-        ours.detach()   # the agent thread owns it now
-        ours = None
-    else:
-        ours.settimeout(10)
-    return uffd, [uffd.fd, theirs.detach(), staging_fd], ours
-
-
-def close_fds(fds):
-    for fd in fds:
-        os.close(fd)
-
-
-def answer_agent(sock, status=0):
-    """Play the agent for one command: reply as the native agent thread would."""
-    cmd = sock.recv(4096)
-    _, op, seq, _, _ = CMD.unpack_from(cmd)
-    sock.send(REPLY.pack(lib.UFC_AGENT_MAGIC, seq, status, os.getpid(), 0))
-    return op
-
-
 # --- frames -----------------------------------------------------------------------------
-def header(op, seq, length, magic=P.MAGIC, version=P.VERSION):
-    return P.HEADER.pack(magic, version, op, seq, length)
-
-
 MALFORMED = {
     "one byte": b"U",
     "truncated header": P.encode(P.STATS, 1)[:10],
@@ -288,93 +152,47 @@ MALFORMED = {
 
 @pytest.mark.parametrize("frame", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_frame_is_refused(good, frame):
-    with raw(good.path) as sock:
-        assert_refused(exchange(sock, frame))
+    with Client(good.path) as client:
+        assert_refused(client.exchange(frame))
         # if the handler kept the connection, it is still in step with us (STATS of
         # the NODE is answered before HELLO: `ufcram stat` observes that way)
-        if send(sock, request(P.STATS, P.NODE, seq=9)):
-            reply = receive(sock)
+        if client.send(request(P.STATS, P.NODE, seq=9)):
+            reply = client.receive()
             assert reply is None or P.decode(reply)[:2] == (P.OK, 9)
 
 
-def uffd_fd():
-    return Uffd.open().fd
-
-
-def pipe_fd():
-    r, w = os.pipe()
-    os.close(w)
-    return r
-
-
-def socket_fd():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    _KEEP.append(b)   # a peer that is there but never answers
-    return a.detach()
-
-
-def full_socket_fd():
-    """An agent socket the handler cannot send on: its peer's queue is already full."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    a.setblocking(False)
-    try:
-        while True:
-            a.send(bytes(64))
-    except BlockingIOError:
-        pass
-    a.setblocking(True)
-    _KEEP.append(b)
-    return a.detach()
-
-
-def readonly_file_fd():
-    fd = os.open("/proc/self/exe", os.O_RDONLY)
-    return fd
-
-
-def dir_fd():
-    return os.open("/", os.O_RDONLY)
-
-
-HELLO_FDS = {   # descriptor makers; staging bytes default to STAGING
-    "no descriptors": [],
-    "pipe as uffd": [pipe_fd, socket_fd, lambda: memfd(STAGING)],
-    "pipe as agent": [uffd_fd, pipe_fd, lambda: memfd(STAGING)],
-    "uffd as agent": [uffd_fd, uffd_fd, lambda: memfd(STAGING)],
-    "pipe as staging": [uffd_fd, socket_fd, pipe_fd],
-    "directory as staging": [uffd_fd, socket_fd, dir_fd],
-    "read-only file as staging": [uffd_fd, socket_fd, readonly_file_fd],
-    "staging too small": [uffd_fd, socket_fd, lambda: memfd(PAGE_SIZE)],
-    "two descriptors": [uffd_fd, socket_fd],
-    "four descriptors": [uffd_fd, socket_fd, lambda: memfd(STAGING), pipe_fd],
-    "five descriptors": [uffd_fd, socket_fd, lambda: memfd(STAGING), pipe_fd, pipe_fd],
-    "agent never answers": [uffd_fd, socket_fd, lambda: memfd(STAGING)],
-    "agent queue full": [uffd_fd, full_socket_fd, lambda: memfd(STAGING)],
+# --- HELLO ------------------------------------------------------------------------------
+WRONG_DESCRIPTORS = {   # knobs of a HELLO whose agent never answers (the last one's case)
+    "no descriptors": dict(fd_count=0),
+    "pipe as uffd": dict(uffd=pipe_fd),
+    "pipe as agent": dict(agent=pipe_fd),
+    "uffd as agent": dict(agent=uffd_fd),
+    "pipe as staging": dict(staging=pipe_fd),
+    "directory as staging": dict(staging=dir_fd),
+    "read-only file as staging": dict(staging=readonly_file_fd),
+    "staging too small": dict(staging=lambda: memfd(PAGE_SIZE)),
+    "two descriptors": dict(fd_count=2),
+    "four descriptors": dict(extra=[pipe_fd]),
+    "five descriptors": dict(extra=[pipe_fd, pipe_fd]),
+    "agent queue full": dict(agent=full_agent),
+    "agent never answers": dict(),
 }
 
 
-@pytest.mark.parametrize("makers", HELLO_FDS.values(), ids=HELLO_FDS.keys())
-def test_hello_with_wrong_descriptors_is_refused(good, makers):
-    fds = [make() for make in makers]
-    try:
-        with raw(good.path) as sock:
-            assert_refused(exchange(sock, request(P.HELLO, STAGING, 0), fds))
-            # a failed HELLO leaves no half-made client behind that could act (STATS of
-            # the NODE is answered before HELLO anyway: ask for what a client may do)
-            assert_refused(exchange(sock, request(P.REGISTER, 1 << 30, PAGE_SIZE,
-                                                  P.NO_LIMIT, 0)))
-    finally:
-        close_fds(fds)
+@pytest.mark.parametrize("knobs", WRONG_DESCRIPTORS.values(), ids=WRONG_DESCRIPTORS.keys())
+def test_hello_with_wrong_descriptors_is_refused(good, knobs):
+    with Client(good.path) as client:
+        assert_refused(client.hello(**{"agent": silent_agent, **knobs}))
+        # a failed HELLO leaves no half-made client behind that could act (STATS of
+        # the NODE is answered before HELLO anyway: ask for what a client may do)
+        assert_refused(client.exchange(request(P.REGISTER, 1 << 30, PAGE_SIZE,
+                                               P.NO_LIMIT, 0)))
 
 
 @pytest.mark.parametrize("staging_bytes", [0, 100, STAGING + PAGE_SIZE, (1 << 64) - PAGE_SIZE])
 def test_hello_with_a_bad_staging_size_is_refused(good, staging_bytes):
-    fds = [uffd_fd(), socket_fd(), memfd(STAGING)]
-    try:
-        with raw(good.path) as sock:
-            assert_refused(exchange(sock, request(P.HELLO, staging_bytes, 0), fds))
-    finally:
-        close_fds(fds)
+    with Client(good.path) as client:
+        assert_refused(client.hello(agent=silent_agent, staging_bytes=staging_bytes))
 
 
 def test_descriptors_on_other_ops_are_refused(good):
@@ -382,17 +200,16 @@ def test_descriptors_on_other_ops_are_refused(good):
         if op == P.HELLO:
             continue
         fd = pipe_fd()
-        with raw(good.path) as sock:
-            assert_refused(exchange(sock, P.encode(op, 1, bytes(layout.size)), [fd]))
+        with Client(good.path) as client:
+            assert_refused(client.exchange(P.encode(op, 1, bytes(layout.size)), [fd]))
         os.close(fd)
 
 
 def test_silent_agent_does_not_stall_other_clients_faults(good):
     """While the handler waits on a HELLO's silent agent, it still serves our faults
     (read through the kernel, so that this thread waits without the GIL)."""
-    fds = [uffd_fd(), socket_fd(), memfd(STAGING)]
-    with raw(good.path) as sock:
-        assert send(sock, request(P.HELLO, STAGING, 0), fds)
+    with Client(good.path) as client:
+        assert client.hello(agent=silent_agent, wait=False)
         time.sleep(AGENT_TIMEOUT / 4)   # the handler is waiting on the agent now
         got = []
         reader = threading.Thread(target=lambda: got.append(
@@ -400,34 +217,22 @@ def test_silent_agent_does_not_stall_other_clients_faults(good):
         reader.start()
         reader.join(AGENT_TIMEOUT / 2)
         assert got == [good.data.tobytes()], "our faults waited on another client's agent"
-        assert_refused(receive(sock))
+        assert_refused(client.receive())
         good.redemote()
-    close_fds(fds)
 
 
 def test_second_hello_is_refused(good):
-    client = RealClient(good.path)
+    client = Client.ready(good.path)
     assert client.call(P.HELLO, STAGING, 0)[0] == P.ERROR         # no descriptors
-    fds = [uffd_fd(), socket_fd(), memfd(STAGING)]
-    assert_refused(exchange(client.sock, request(P.HELLO, STAGING, 0), fds))
-    close_fds(fds)
-    client.close()
-    good.dropped()
-    client.release()
+    assert_refused(client.hello(agent=silent_agent, uffd=uffd_fd))
+    good.let_go(client)
 
 
+# --- floods and clients that leave --------------------------------------------------------
 def test_flood_without_reading_replies_does_not_stall_the_handler(good):
     """The replies fill our queue; the handler must let us go, not wait on us."""
-    with raw(good.path) as sock:
-        sock.setblocking(False)
-        frame = request(P.STATS, P.NODE)
-        deadline = time.monotonic() + 5
-        with pytest.raises((BrokenPipeError, ConnectionResetError)):
-            while time.monotonic() < deadline:
-                try:
-                    sock.send(frame)
-                except BlockingIOError:   # the handler reads more slowly than we send
-                    time.sleep(0.001)
+    with Client(good.path) as client:
+        assert client.flood(request(P.STATS, P.NODE)), "the handler waited on a flooder"
     start = time.monotonic()
     good.node.stats()
     assert time.monotonic() - start < 1.0
@@ -435,66 +240,54 @@ def test_flood_without_reading_replies_does_not_stall_the_handler(good):
 
 def test_clients_that_leave_mid_request(good):
     for i in range(100):   # a request, and gone before the reply
-        with raw(good.path) as sock:
-            send(sock, request(P.STATS, P.NODE, seq=i))
+        with Client(good.path) as client:
+            client.send(request(P.STATS, P.NODE, seq=i))
     for _ in range(20):    # a complete HELLO, and gone before the reply
-        uffd, fds, _ = hello_parts()
-        with raw(good.path) as sock:
-            send(sock, request(P.HELLO, STAGING, 0), fds)
-        close_fds(fds)
+        with Client(good.path) as client:
+            client.hello(wait=False)
 
 
 def test_agent_that_leaves_mid_demotion(good):
     """The handler waits on our agent's reply to a demotion; the agent, then the
     client, goes away. Its entries and descriptors must all be released."""
-    client = RealClient(good.path, agent=False)
+    client = Client.ready(good.path, agent=PLAYED)
     rid = client.own_memory(8)
-    client.seq += 1
-    assert send(client.sock, request(P.DEMOTE, rid, 0, 8 * PAGE_SIZE, seq=client.seq))
+    assert client.ask(P.DEMOTE, rid, 0, 8 * PAGE_SIZE)
     client.agent.recv(4096)   # the demotion command arrives; we drop the agent instead
-    client.agent.close()
-    client.agent = None
-    assert_refused(receive(client.sock))
-    client.close()
-    good.dropped()
-    client.release()
+    client.drop_agent()
+    assert_refused(client.receive())
+    good.let_go(client)
 
 
 def test_client_that_leaves_while_its_agent_works(good):
-    client = RealClient(good.path, agent=False)
+    client = Client.ready(good.path, agent=PLAYED)
     rid = client.own_memory(8)
-    assert send(client.sock, request(P.DEMOTE, rid, 0, 8 * PAGE_SIZE, seq=5))
-    client.sock.close()                      # gone before the reply...
-    assert answer_agent(client.agent) == lib.UFC_AGENT_DEMOTE   # ...the agent answers
-    client.agent.close()
-    client.agent = None
-    good.dropped()
-    client.release()
+    assert client.ask(P.DEMOTE, rid, 0, 8 * PAGE_SIZE)
+    client.sock.close()                                        # gone before the reply...
+    assert client.answer_agent() == lib.UFC_AGENT_DEMOTE       # ...the agent answers
+    good.let_go(client)
 
 
+# --- ready clients that ask for too much ----------------------------------------------------
 def test_real_client_cannot_reach_the_good_clients_pages(good):
     """Our own second client registers the good region's very addresses (they are not
     in its uffd): demoting or unregistering them does nothing to the good region."""
-    client = RealClient(good.path)
+    client = Client.ready(good.path)
     op, body = client.call(P.REGISTER, good.region.address, good.region.nbytes, P.NO_LIMIT, 0)
     assert op == P.OK
     rid = P.COUNT.unpack(body)[0]
     assert client.call(P.DEMOTE, rid, 0, good.region.nbytes) == (P.OK, P.COUNT.pack(0))
     assert client.call(P.UNREGISTER, rid, 1)[0] == P.OK
     assert client.call(P.STATS, good.region.id)[0] == P.ERROR
-    client.close()
-    good.dropped()
-    client.release()
+    good.let_go(client)
 
 
 def test_huge_regions_are_refused_not_fatal(good):
-    client = RealClient(good.path)
+    client = Client.ready(good.path)
     for length in (1 << 63, (1 << 64) - PAGE_SIZE, 1 << 40):
         op, body = client.call(P.REGISTER, 1 << 52, length, P.NO_LIMIT, 0)
         assert op == P.ERROR and b"UFCRAM_MAX_CLIENT_BYTES" in body
-    client.close()
-    good.dropped()
-    client.release()
+    good.let_go(client)
 
 
 def test_out_of_descriptors_handler_keeps_serving(good):
@@ -528,7 +321,7 @@ OPS = st.sampled_from([0, *P.PAYLOADS, P.OK, P.ERROR, 7, 99, 255, 65535])
 SEQS = st.integers(0, (1 << 32) - 1)
 FRAMES = st.one_of(
     st.binary(max_size=96),                                         # noise
-    st.builds(lambda m, v, op, seq, n, tail: P.HEADER.pack(m, v, op, seq, n) + tail,
+    st.builds(lambda m, v, op, seq, n, tail: header(op, seq, n, m, v) + tail,
               st.sampled_from([P.MAGIC, b"UFCr", b"\0" * 4]), st.sampled_from([1, 0, 2, 65535]),
               OPS, SEQS, st.integers(0, (1 << 32) - 1), st.binary(max_size=48)),  # lying headers
     st.builds(lambda op, seq, body: P.encode(op, seq, body), OPS, SEQS,
@@ -540,43 +333,43 @@ FRAMES = st.one_of(
 )
 
 
-class Connections:
-    """A few raw connections, reopened whenever the handler has closed one."""
+class Clients:
+    """A few clients that never say HELLO, each replaced once the handler drops it."""
 
     def __init__(self, path, n=4):
         self.path = path
-        self.socks = [raw(path) for _ in range(n)]
+        self.clients = [Client(path) for _ in range(n)]
         self.frames = 0
 
     def burst(self, i, frames):
         """Send frames back to back, then read every reply; each must be a refusal."""
-        sock = self.socks[i]
+        client = self.clients[i]
         sent, reply = 0, b""
         for frame in frames:
-            if not send(sock, frame):
+            if not client.send(frame):
                 break
             sent += 1
         self.frames += sent
         for _ in range(sent):
-            reply = receive(sock)
+            reply = client.receive()
             assert_refused(reply)
             if reply is None:
                 break
         if reply is None or sent < len(frames):
-            sock.close()
-            self.socks[i] = raw(self.path)
+            client.leave()
+            self.clients[i] = Client(self.path)
 
     def close(self):
-        for sock in self.socks:
-            sock.close()
+        for client in self.clients:
+            client.leave()
 
 
 def test_fuzzed_frames_never_harm_the_handler_or_another_client(good):
-    pool = Connections(good.path)
+    pool = Clients(good.path)
 
     @settings(max_examples=2500, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(st.integers(0, len(pool.socks) - 1), st.lists(FRAMES, min_size=1, max_size=12))
+    @given(st.integers(0, len(pool.clients) - 1), st.lists(FRAMES, min_size=1, max_size=12))
     def fuzz(i, frames):
         pool.burst(i, frames)
 
@@ -609,7 +402,7 @@ def requests_of(client, good_region):
 
 
 def test_fuzzed_requests_of_a_real_client_never_reach_another_client(good):
-    client = RealClient(good.path)
+    client = Client.ready(good.path)
     client.own_memory(16, seed=5)
 
     @settings(max_examples=1500, deadline=None, database=None,
@@ -620,9 +413,7 @@ def test_fuzzed_requests_of_a_real_client_never_reach_another_client(good):
             client.call(op, *fields)
 
     fuzz()
-    client.close()
-    good.dropped()
-    client.release()
+    good.let_go(client)
     fresh_client_works(good.path)
 
 
