@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ufcram.tools.bench.report import can_plot
+from ufcram.tools.bench.report import REDEMOTE_TARGET, can_plot
 from ufcram.tools.bench.work import WORKLOADS
 
 pytestmark = pytest.mark.timeout(90)
@@ -44,7 +44,10 @@ def test_every_workload_has_positive_numbers(run):
         _check_side(report["zram"])
     assert len(report["summary"]["targets"]) == 5
     redemote = report["summary"]["targets"][3]
-    assert redemote["measured"] > 0 and redemote["met"] in (True, False)
+    assert redemote["target"] == "re-demoting clean read-only pages"
+    # measured, so a verdict: the one its number gives, whichever way the timing went
+    assert redemote["measured"] > 0
+    assert redemote["met"] == (redemote["measured"] >= REDEMOTE_TARGET)
 
 
 @pytest.mark.root
