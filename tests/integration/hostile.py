@@ -209,6 +209,21 @@ class Client:
         write_via_kernel(self.mm, 0, np.random.default_rng(seed).bytes(pages * PAGE_SIZE))
         return P.COUNT.unpack(body)[0]
 
+    def burst(self, frames):
+        """Send frames back to back, then read a reply to each: every one must be a
+        refusal. How many were sent, and whether the handler still keeps us."""
+        sent = 0
+        for frame in frames:
+            if not self.send(frame):
+                break
+            sent += 1
+        for _ in range(sent):
+            reply = self.receive()
+            assert_refused(reply)
+            if reply is None:
+                return sent, False
+        return sent, sent == len(frames)
+
     def flood(self, frame, seconds=5.0):
         """Send frame over and over, reading no reply: True once the handler has hung
         up on us, False if it still took them after `seconds`."""
