@@ -133,7 +133,7 @@ class Engine:
         call = self.call
         self.pager.auto_writable.pages += self.grants - call.auto_grants
         if call.nreleased:
-            self.pager.release_entries(np.frombuffer(
+            self.pool.release(np.frombuffer(
                 ffi.buffer(self.released, 8 * call.nreleased), np.int64).copy())
         served = [self.account(views, i) for i in ffi.unpack(call.touched, call.ntouched)]
         if left < 0:

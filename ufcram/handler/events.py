@@ -125,7 +125,7 @@ def on_fork(pager, client, uffd_fd):
     not_copied(client, child)
     for region in child.regions.values():
         held = region.table.entry[region.table.entry != NO_ENTRY]
-        pager.share(held)
+        pager.pool.share(held)
     hand_over(client, uffd_fd)
     return child
 

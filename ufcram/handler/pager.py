@@ -1,7 +1,7 @@
 """The pager: moves pages out of memory and back on policy decisions, through the
 application's agent and uffd (faults are the fault engine's, engine.py). Write budgets and
-the owners of pool entries are here; demotion (demotion.py) and limits (limits.py) are
-the rest of its class. It runs in the handler's single thread.
+the pool entries page tables let go of are here; demotion (demotion.py) and limits
+(limits.py) are the rest of its class. It runs in the handler's single thread.
 """
 import logging
 import weakref
@@ -35,11 +35,10 @@ class Pager(Demotion, Limits):
         self.bounce_addr = address_of(self.bounce)
         self.enforcing = set()          # groups being demoted to their resident limit
         self.others = weakref.WeakKeyDictionary()   # client -> (when, its group's others)
-        self.extra_owners = np.zeros(0, np.int32)   # per pool handle, beyond the first
         # writable pages of every region under an auto budget: the budgets share them
         self.auto_writable = SharedTally(WRITABLE)
 
-    # --- write budgets and entry owners -------------------------------------------
+    # --- write budgets and the entries page tables hold ----------------------------
     def budget_use(self, region):
         """(pages writable, pages allowed) under region's budget; an auto budget is
         node-wide and sized from the pool's free capacity and its ratio tail."""
@@ -54,30 +53,11 @@ class Pager(Demotion, Limits):
         return sum(int(r.table.tally[WRITABLE]) for c in self.clients.values()
                    for r in c.regions.values() if not auto_only or r.budget.spec == "auto")
 
-    def share(self, handles):
-        """One more owner for each entry (a forked child holds its parent's entries)."""
-        if len(handles) == 0:
-            return
-        top = int(handles.max()) + 1
-        if top > len(self.extra_owners):
-            grown = np.zeros(max(top, 2 * len(self.extra_owners)), np.int32)
-            grown[:len(self.extra_owners)] = self.extra_owners
-            self.extra_owners = grown
-        np.add.at(self.extra_owners, handles, 1)
-
     def release(self, table, pages):
         """Drop pages' hold on their pool entries; an entry is freed with its last owner."""
         pages = np.atleast_1d(pages)
         held = table.entry[pages]
         held = held[held != NO_ENTRY]
         table.entry[pages] = NO_ENTRY
-        self.release_entries(held)
+        self.pool.release(held)
         return len(held)
-
-    def release_entries(self, held):
-        """One hold less on each of these entries (pages no longer refer to them)."""
-        if len(held):
-            shared = held < len(self.extra_owners)
-            shared[shared] = self.extra_owners[held[shared]] > 0
-            np.subtract.at(self.extra_owners, held[shared], 1)
-            self.pool.free_many(held[~shared])

@@ -11,6 +11,7 @@ import numpy as np
 from .accounting import Accounting, checked_capacity
 from .compaction import Compaction
 from .entries import Entries
+from .owners import Owners
 from ufcram.errors import PoolError, PoolFullError
 from .pagetable import PAGE_SIZE
 
@@ -25,7 +26,7 @@ def _pg(nbytes):
     return -(-nbytes // PAGE_SIZE) * PAGE_SIZE
 
 
-class Pool(Entries, Compaction, Accounting):
+class Pool(Entries, Compaction, Accounting, Owners):
     """Compressed pages under a physical byte limit. Single-owner: see transfer_owner().
 
     A handle indexes per-entry numpy arrays: ``_location`` (int64: arena << 32 | byte offset, or
@@ -79,6 +80,7 @@ class Pool(Entries, Compaction, Accounting):
         # `ufcram run` samples them while a program runs
         self._live_bytes = self._live_same = self._live_huge = 0
         self.layout_generation = 0   # changes whenever layout()'s arrays move
+        self._extra_owners = np.zeros(0, np.int32)   # per handle, past the first
 
     def layout(self):
         """(location, size, arena addresses) per handle and arena: what native code
@@ -310,6 +312,8 @@ class Pool(Entries, Compaction, Accounting):
         self._size[h] = -1
         self._free_handles[self._handles_free] = h
         self._handles_free += 1
+        if h < len(self._extra_owners):   # its handle is reused for a new entry
+            self._extra_owners[h] = 0
 
     def free_many(self, handles):
         """Drop entries; all handles are checked (known, live, not repeated) before any."""
@@ -325,6 +329,7 @@ class Pool(Entries, Compaction, Accounting):
         self._size[h] = -1
         self._free_handles[self._handles_free:self._handles_free + len(h)] = h
         self._handles_free += len(h)
+        self._forget_owners(h)
 
     def _count_live(self, sizes, sign):
         self._live_bytes += sign * int(sizes.sum(dtype=np.int64))
