@@ -9,6 +9,6 @@ AGENT = ["common/uffd.c", "agent/agent.c", "agent/adopted.c", "agent/own.c",
          "agent/watcher.c", "agent/spans.c"]
 # the cffi shim the handler and Python regions use: the agent, the pool's entry decoder
 # and the fault engine
-SHIM = AGENT + ["common/entries.c", "engine/faults.c"]
+SHIM = AGENT + ["common/entries.c", "engine/plan.c", "engine/faults.c"]
 # the library `ufcram run` preloads: joining, its triggers, what it registers, its link
 PRELOAD = ["preload/preload.c", "preload/coverage.c", "preload/nodelink.c"] + AGENT

@@ -30,7 +30,7 @@ int ufc_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t
 int ufc_uffd_read_msgs(int fd, void *buf, int max_msgs);
 int ufc_wait_readable(int fd, int timeout_ms);
 
-/* the fault engine (engine/faults.c): views of the pool and of page tables, numpy arrays
+/* the fault engine (engine/plan.c, engine/faults.c): views of the pool and of page tables, numpy arrays
  * the handler owns and keeps alive while the views exist */
 struct ufc_pool_view {
     const int64_t *location; const int16_t *size; int64_t nhandles;

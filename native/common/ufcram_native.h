@@ -13,7 +13,7 @@
 #define UFC_MAX_FDS 8
 
 /* The page states: the one list, which pagetable.py takes from here (their meaning is
- * there) and engine/faults.c reads and writes in the page tables' state arrays. */
+ * there) and the fault engine (engine/) reads and writes in the page tables' state arrays. */
 #define UFC_STATE_UNTOUCHED 0
 #define UFC_STATE_NORMAL 1
 #define UFC_STATE_DEMOTING 2
@@ -22,7 +22,7 @@
 #define UFC_STATE_WRITABLE 5
 #define UFC_NSTATES 6
 
-/* The fault engine's plans (engine/faults.c), and the faults it leaves to Python with
+/* The fault engine's plans (engine/plan.c), and the faults it leaves to Python with
  * why: UFC_FAULT_DONE once served, a UFC_LEFT_* code, or a failed ioctl's -errno. */
 #define UFC_FAULT_DONE 0
 #define UFC_FAULT_RESTORE 1     /* the page's entry (and demoted pages after it) installed */

@@ -1,4 +1,4 @@
-"""The fault engine (engine/faults.c) on the real kernel: every fault it serves must give
+"""The fault engine (native/engine/) on the real kernel: every fault it serves must give
 its page its bytes, of every kind the pool stores, and leave limits, readahead, write
 budgets and pool entries in the books as the design says. (tests/unit/test_engine.py
 holds its decisions against a model, without a kernel.)"""

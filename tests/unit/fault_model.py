@@ -1,4 +1,4 @@
-"""A reference model of the fault engine's decisions (native/engine/faults.c), written as
+"""A reference model of the fault engine's decisions (native/engine/plan.c), written as
 the handler's Python served faults before the engine took them: the test oracle only.
 
 It says, for one fault on given page tables, what the design asks: which transition,

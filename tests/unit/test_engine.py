@@ -34,7 +34,7 @@ def test_page_states_and_size_are_one_list_shared_with_c():
 
 
 def test_the_pool_view_follows_growth_and_compaction():
-    """engine/faults.c and Pool.load read entries through one view (entries.c): rebuilt as
+    """The fault engine and Pool.load read entries through one view (entries.c): rebuilt as
     the arrays grow and arenas come and go, never pointing at memory gone."""
     assert lz4_decompress() is not None, "no LZ4_decompress_safe to decode entries with"
     pool = Pool(1 << 30, arena_size=16 * PAGE_SIZE)

@@ -1,5 +1,6 @@
-"""The fault engine's Python face: a client's faults go to native/engine/faults.c, which
-decides and serves each from the page tables; what it leaves comes back with its reason.
+"""The fault engine's Python face: a client's faults go to native/engine/, which decides
+(plan.c) and serves (faults.c) each from the page tables; what it leaves comes back with
+its reason.
 
 Python hands over the numbers per call (the limits' room, the write grants, whether the
 client's process tree is being demoted) and releases the entries of written pages.
@@ -18,7 +19,7 @@ MAX_FAULTS = 256   # per call: other descriptors wait at most this many faults
 
 
 class RegionView:
-    """One region's page table as engine/faults.c sees it, with the buffers its pointers
+    """One region's page table as the engine sees it, with the buffers its pointers
     point into; built once per table and address (mremap moves a whole region by
     rebasing its table: a view left at the old address would serve a mapping put there
     later with the moved pages' entries, and books them as back in memory)."""
@@ -45,7 +46,7 @@ class RegionView:
 
 
 class ClientViews:
-    """A client's regions in address order, as the array of views engine/faults.c searches;
+    """A client's regions in address order, as the array of views the engine searches;
     rebuilt when the client's regions change, from views kept per region, so that a
     program that maps region after region pays O(regions) in C, not in Python."""
 

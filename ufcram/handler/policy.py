@@ -125,7 +125,7 @@ class Readahead:
     "Right after" allows a stretch of pages still in memory between the run and the
     fault (up to a window's worth): a scan over memory partly resident from its last
     pass faults only past those pages, and is still sequential. The fault engine
-    (engine/faults.c) decides and moves the window; this holds it for the region."""
+    (native/engine/plan.c) decides and moves the window; this holds it for the region."""
 
     def __init__(self, max_pages):
         self.max_pages = max(1, int(max_pages))
