@@ -147,18 +147,29 @@ class Worker:
         self.collect_child(pid, r)
 
     def child_check(self):
-        """(wrong bytes, first wrong page or -1) as the child sees them."""
+        """'wrong bytes, first wrong page or -1', then, for that page, what the child
+        saw and what it should have (a byte of each of its first 16 runs of 64, and its
+        zero bytes), so a failure says whether the child read zeros, an older page or
+        another one."""
         bad = np.flatnonzero((self.a != self.ref).any(axis=1))
         wrong = int(np.count_nonzero(self.a != self.ref))
+        seen = [self.a[p].copy() for p in bad[:1]]
         page = PAGES // 2
         self.a[page] = self.ref[page] = 0x5A   # the child's write stays its own
         if not np.array_equal(self.a[page], self.ref[page]):
             wrong, bad = wrong + PAGE_SIZE, np.append(bad, page)
-        return f"{wrong} {bad[0] if len(bad) else -1}"
+        if not len(bad):
+            return f"{wrong} -1"
+        first = int(bad[0])
+        saw = seen[0] if seen else self.a[first]
+        want = self.ref[first]
+        return (f"{wrong} {first} saw {saw[::64][:16].tobytes().hex()} "
+                f"({np.count_nonzero(saw == 0)} zero bytes), want "
+                f"{want[::64][:16].tobytes().hex()} ({np.count_nonzero(want == 0)} zero bytes)")
 
     def collect_child(self, pid, r):
         ready, _, _ = select.select([r], [], [], CHILD_TIMEOUT)
-        answer = os.read(r, 32) if ready else b""
+        answer = os.read(r, 256) if ready else b""
         os.close(r)
         if not answer:
             self.failures.append(f"pid {os.getpid()}: its forked child never answered "
@@ -167,11 +178,11 @@ class Worker:
             time.sleep(0.5)
             os.kill(pid, signal.SIGKILL)
         else:
-            wrong, page = map(int, answer.split())
-            self.counts["wrong_bytes"] += wrong
-            if wrong:
+            wrong, page, *seen = answer.decode().split(maxsplit=2)
+            self.counts["wrong_bytes"] += int(wrong)
+            if int(wrong):
                 self.failures.append(f"pid {os.getpid()}: forked child: {wrong} wrong "
-                                     f"bytes, first on page {page}")
+                                     f"bytes, first on page {page} ({' '.join(seen)})")
         os.waitpid(pid, 0)
 
     def finish(self, workers):
