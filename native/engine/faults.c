@@ -6,7 +6,6 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -42,33 +41,24 @@ static int64_t install(int uffd, uint64_t addr, const uint8_t *src, int64_t coun
 {
 	uint64_t len = (uint64_t)count * UFC_PAGE_SIZE;
 	int64_t done;
-	int rc;
-	if (src) {
-		struct uffdio_copy c = { .dst = addr, .src = (uint64_t)(uintptr_t)src, .len = len,
-					 .mode = wp ? UFFDIO_COPY_MODE_WP : 0 };
-		rc = ioctl(uffd, UFFDIO_COPY, &c);
-		done = c.copy;
-	} else {
-		struct uffdio_zeropage z = { .range = { addr, len } };
-		rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
-		done = z.zeropage;
-	}
+	int rc = src ? ufc_uffd_copy(uffd, addr, (uint64_t)(uintptr_t)src, len,
+				     wp ? UFFDIO_COPY_MODE_WP : 0, &done)
+		     : ufc_uffd_zeropage(uffd, addr, len, 0, &done);
 	if (rc == 0)
 		return count;
 	if (done > 0)
 		return done / UFC_PAGE_SIZE;
-	if (errno == EEXIST) {
-		struct uffdio_range wake = { addr, UFC_PAGE_SIZE };
-		ioctl(uffd, UFFDIO_WAKE, &wake);
+	if (rc == -EEXIST) {
+		ufc_uffd_wake(uffd, addr, UFC_PAGE_SIZE);
 		return 0;
 	}
-	return errno == ENOENT && count > 1 ? -SPLIT : -errno;
+	return rc == -ENOENT && count > 1 ? -SPLIT : rc;
 }
 
 static int unprotect(int uffd, uint64_t addr)
 {
-	struct uffdio_writeprotect wp = { .range = { addr, UFC_PAGE_SIZE }, .mode = 0 };
-	return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : failed(errno);
+	int rc = ufc_uffd_writeprotect(uffd, addr, UFC_PAGE_SIZE, 0);
+	return rc == 0 ? 0 : failed(-rc);
 }
 
 /* A page written: its stale entry goes to Python to release, and it takes its state. */
