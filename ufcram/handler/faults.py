@@ -5,6 +5,8 @@ then the faults they held back; those that must wait go on the one deferred list
 import errno
 import logging
 
+import numpy as np
+
 from ufcram._shim import lib
 from ufcram.app.uffd import EVENT_PAGEFAULT
 from ufcram.errors import UfcramError, UffdError
@@ -70,6 +72,7 @@ class Faults:
         before events), then the faults the events held back, served again."""
         for region in served:
             self.faulted(client, region)
+        waiting = np.zeros(len(msgs), bool)
         for i, (event, a0, a1, a2) in enumerate(msgs[["event", "arg0", "arg1", "arg2"]].tolist()):
             reason = int(why[i])
             if reason == lib.UFC_LEFT_EVENT:
@@ -77,15 +80,17 @@ class Faults:
             elif reason == lib.UFC_LEFT_OUTSIDE:
                 self.cover(client, a1 & ~(PAGE_SIZE - 1))
             elif reason in WAITING:
-                self.deferred.append((client, msgs[i:i + 1]))
+                waiting[i] = True
             elif reason == -errno.EBADMSG:
                 # the books name an entry the pool does not hold: a bug of ours, said
                 # and retried, never dropped (that would hang the thread for good)
                 self.repeats.warn(client, f"fault at {a1:#x}: no such pool entry")
-                self.deferred.append((client, msgs[i:i + 1]))
+                waiting[i] = True
             elif reason < 0:
                 log.error("client pid %d: fault at %#x: %s", client.pid, a1,
                           errno.errorcode.get(-reason, -reason))
+        if waiting.any():
+            self.deferred.append((client, msgs[waiting]))
         if client.ready:
             self.serve_given(client, msgs[why == lib.UFC_LEFT_AFTER_EVENTS])
             # covered now (or not ours to cover): served outside regions if still so
@@ -105,10 +110,15 @@ class Faults:
                         served)
 
     def resolve_deferred(self):
+        """Retry the faults that waited, each client's in one call, in the order they
+        came."""
         pending, self.deferred = self.deferred, []
+        by_client = {}
         for client, msgs in pending:
+            by_client.setdefault(client, []).append(msgs)
+        for client, parts in by_client.items():
             if client.ready:
-                self.serve_given(client, msgs)
+                self.serve_given(client, np.concatenate(parts))
 
     def cover(self, client, addr):
         """A fault outside every region of a client that covers its mappings: cover the
