@@ -151,9 +151,11 @@ class Worker:
         saw and what it should have (a byte of each of its first 16 runs of 64, and its
         zero bytes), so a failure says whether the child read zeros, an older page or
         another one."""
-        bad = np.flatnonzero((self.a != self.ref).any(axis=1))
-        wrong = int(np.count_nonzero(self.a != self.ref))
-        seen = [self.a[p].copy() for p in bad[:1]]
+        mapped = pagemap(self.a)   # before any read faults a page in
+        differs = self.a != self.ref
+        bad = np.flatnonzero(differs.any(axis=1))
+        wrong = int(np.count_nonzero(differs))
+        saw = self.a[bad[0]].copy() if len(bad) else None   # before the write below
         page = PAGES // 2
         self.a[page] = self.ref[page] = 0x5A   # the child's write stays its own
         if not np.array_equal(self.a[page], self.ref[page]):
@@ -161,15 +163,16 @@ class Worker:
         if not len(bad):
             return f"{wrong} -1"
         first = int(bad[0])
-        saw = seen[0] if seen else self.a[first]
+        saw = self.a[first] if saw is None else saw
         want = self.ref[first]
         return (f"{wrong} {first} saw {saw[::64][:16].tobytes().hex()} "
                 f"({np.count_nonzero(saw == 0)} zero bytes), want "
-                f"{want[::64][:16].tobytes().hex()} ({np.count_nonzero(want == 0)} zero bytes)")
+                f"{want[::64][:16].tobytes().hex()} ({np.count_nonzero(want == 0)} zero "
+                f"bytes); the child's page was {describe_pte(mapped[first])} before it read")
 
     def collect_child(self, pid, r):
         ready, _, _ = select.select([r], [], [], CHILD_TIMEOUT)
-        answer = os.read(r, 256) if ready else b""
+        answer = os.read(r, 1024) if ready else b""
         os.close(r)
         if not answer:
             self.failures.append(f"pid {os.getpid()}: its forked child never answered "
@@ -182,8 +185,19 @@ class Worker:
             self.counts["wrong_bytes"] += int(wrong)
             if int(wrong):
                 self.failures.append(f"pid {os.getpid()}: forked child: {wrong} wrong "
-                                     f"bytes, first on page {page} ({' '.join(seen)})")
+                                     f"bytes, first on page {page} ({' '.join(seen)}); "
+                                     f"{self.parent_page(int(page))}")
         os.waitpid(pid, 0)
+
+    def parent_page(self, page):
+        """Whether the parent's own copy of a page its child read wrong is right: tells a
+        bad page inherited at fork from one the child's books gave it."""
+        if page < 0:
+            return ""
+        with self.locks[page % len(self.locks)]:
+            pte = describe_pte(pagemap(self.a)[page])
+            right = np.array_equal(self.a[page], self.ref[page])
+        return f"the parent's page was {pte} and reads {'right' if right else 'WRONG'}"
 
     def finish(self, workers):
         self.stop.set()
@@ -218,6 +232,18 @@ def work(path, seconds, threads, seed):
         w.region.close()
         node.close()
     return {"counts": dict(w.counts), "failures": w.failures}
+
+
+def pagemap(a):
+    """The kernel's page-table entry for each page of array a (/proc/self/pagemap)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(a.ctypes.data // PAGE_SIZE * 8)
+        return np.frombuffer(f.read(len(a) * 8), np.uint64)
+
+
+def describe_pte(entry):
+    bits = {63: "present", 62: "swapped", 57: "uffd-wp", 56: "exclusive"}
+    return "+".join(name for bit, name in bits.items() if int(entry) >> bit & 1) or "absent"
 
 
 # --- the coordinator -----------------------------------------------------------------------
