@@ -17,6 +17,7 @@ from ufcram._shim import lib
 from ufcram.handler.agent import REPLY, AgentLink
 from ufcram.handler.client import Client
 from ufcram.handler.guard import Repeats
+from ufcram.handler.jobs import AgentReply
 from ufcram.handler.loop import Handler
 from ufcram.store.pagetable import PAGE_SIZE
 from ufcram.store.pool import Pool
@@ -121,9 +122,9 @@ def test_fault_whose_serving_raised_is_retried_until_it_is_served(handler, monke
 
 
 def test_a_bug_serving_one_client_never_unwinds_anothers_demotion(handler, monkeypatch):
-    """Client A awaits its agent's reply (a demotion in flight); meanwhile client B's
-    fault and event both raise. await_agent still returns A's reply, and B's fault
-    waits to be retried."""
+    """Client A's job awaits its agent's reply (a demotion in flight); meanwhile client
+    B's fault and event both raise. The job still gets A's reply, and B's fault waits to
+    be retried."""
     a_agent, a_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     b_read, b_write = socket.socketpair()   # B's "uffd": readable once B has a message
     a_uffd, a_quiet = socket.socketpair()   # A's: never readable here
@@ -149,7 +150,14 @@ def test_a_bug_serving_one_client_never_unwinds_anothers_demotion(handler, monke
         a_theirs.send(REPLY.pack(lib.UFC_AGENT_MAGIC, a.agent.seq, 0, 99, 4096))
         return 2, (), False
     monkeypatch.setattr(handler, "read_faults", read_faults)
-    assert handler.pager.await_agent(a) == (0, 4096)
+    results = []
+
+    def demotion():   # its wait, as command_agent's
+        return (yield AgentReply(a))
+    handler.start(demotion(), lambda result, error: results.append((result, error)))
+    while handler.job is not None:
+        handler.wait_on_job()
+    assert results == [((0, 4096), None)]
     assert [(c is b, fields(m)) for c, m in handler.deferred] == [(True, fields(msgs[:1]))]
     assert np.count_nonzero(b.regions[1].table.state) == 0   # the REMOVE was skipped
     assert set(handler.by_uffd.values()) == {a, b}

@@ -1,24 +1,23 @@
 """Demotion: the pager's batches through a client's agent (write-protect, copy out, drop)
 and how each settles, for the client and for the children it forked while it was in flight.
+A demotion is a job (jobs.py): it yields where it waits on the agent or on events.
 """
 import errno
 import logging
 import os
-import select
 
 import numpy as np
 
 from . import pinned, proc
 from ufcram._shim import lib
 from .agent import MAX_RUNS
-from ufcram.errors import HandlerError, UffdError, UffdRetry
+from ufcram.errors import UffdError, UffdRetry
 from ufcram.store.pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY, UNTOUCHED,
                         bridged, pages_of, runs_of)
 from ufcram.app.uffd import address_of
-from .wakeup import poll_spinning
+from .jobs import AgentReply, EventsRead
 
 log = logging.getLogger("ufcram.handler")
-POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 DROP_BATCH = 4096   # pages per clean re-demotion command (no staging needed)
 # Read-only pages a drop span may take with it between two chosen runs. A span costs a
 # madvise, its TLB shootdown and a REMOVE round trip (~30 µs); a clean page dropped
@@ -62,8 +61,10 @@ class Demotion:
         def dirty(p):
             return region.table.dirty(p) & ~region.pinned[p]
 
-        done = sum(pinned.unless_locked(self, self.drop_clean, client, region, runs, clean)
-                   for _, runs in batches(pages, DROP_BATCH, MAX_RUNS, clean))
+        done = 0
+        for _, runs in batches(pages, DROP_BATCH, MAX_RUNS, clean):
+            done += yield from pinned.unless_locked(self, self.drop_clean, client, region,
+                                                    runs, clean)
         if client.agent is None:
             return done
         for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS, dirty):
@@ -71,8 +72,8 @@ class Demotion:
                 left = pages[pages >= chunk[0]]
                 region.counters["refused_closed"] += int(region.table.dirty(left).sum())
                 break
-            done += pinned.unless_locked(self, self.demote_dirty, client, region, runs,
-                                          dirty)
+            done += yield from pinned.unless_locked(self, self.demote_dirty, client, region,
+                                                    runs, dirty)
         return done
 
     def spans(self, table, runs):
@@ -80,8 +81,8 @@ class Demotion:
 
     def command_agent(self, client, op, spans):
         """Send one batch to the agent (of agent_client: a forked child's own process's)
-        and wait for its reply; its drops will raise REMOVE events for exactly these
-        spans, on client's uffd, the one their mappings are registered with."""
+        and wait for its reply, (status, bytes); its drops will raise REMOVE events for
+        exactly these spans, on client's uffd, the one their mappings are registered with."""
         keeper = self.agent_client(client)
         try:
             if keeper is None:
@@ -91,7 +92,7 @@ class Demotion:
             return -(e.errno or errno.EPIPE), 0
         client.expected_removes = {a: a + n for a, n in spans.tolist()}
         try:
-            return self.await_agent(keeper)
+            return (yield AgentReply(keeper))
         finally:
             client.expected_removes = {}
 
@@ -127,8 +128,8 @@ class Demotion:
                 state = DEMOTED
             else:
                 if staged:
-                    self.copy_back(client, target, at,
-                                   np.array([client.staging_addr + row * PAGE_SIZE]))
+                    yield from self.copy_back(client, target, at,
+                                              np.array([client.staging_addr + row * PAGE_SIZE]))
                 else:
                     log.error("client pid %d: a page moved by mremap while in flight at "
                               "%#x has no copy left", client.pid, addr)
@@ -148,10 +149,11 @@ class Demotion:
         pages = pages_of(runs)
         gap = table.state[pages] == DEMOTED
         table.set(pages, DEMOTING)
-        status, _ = self.command_agent(client, lib.UFC_AGENT_DROP, self.spans(table, runs))
-        self.settle_forks(client, region, pages, copied=None, absent=gap)
+        status, _ = yield from self.command_agent(client, lib.UFC_AGENT_DROP,
+                                                  self.spans(table, runs))
+        yield from self.settle_forks(client, region, pages, copied=None, absent=gap)
         freed = self.settle_freed(region, pages)
-        self.settle_moved(client, region, pages, staged=False)
+        yield from self.settle_moved(client, region, pages, staged=False)
         table.set(pages[~freed & gap], DEMOTED)
         if status >= 0:
             table.set(pages[~freed & ~gap], DEMOTED)
@@ -160,8 +162,7 @@ class Demotion:
             # madvise there), the rest were not: map every page back from its entry
             # (those still there are skipped), for read-only must mean present, or a
             # promotion would only unprotect a missing page and it would read zeros.
-            self.map_read_only(client, region, pages[~freed & ~gap])
-        self.resolve_deferred()
+            yield from self.map_read_only(client, region, pages[~freed & ~gap])
         if status < 0:
             raise UffdError(-status, f"agent could not drop pages: {os.strerror(-status)}")
         dropped = int((~freed & ~gap).sum())
@@ -176,27 +177,26 @@ class Demotion:
         before = table.state[pages].copy()
         spans = self.spans(table, runs)
         table.set(pages, DEMOTING)
-        status, staged = self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
+        status, staged = yield from self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
         client.staging_used = True
-        self.settle_forks(client, region, pages, copied=bool(staged))
+        yield from self.settle_forks(client, region, pages, copied=bool(staged))
         freed = self.settle_freed(region, pages)
-        self.settle_moved(client, region, pages, staged=bool(staged))
+        yield from self.settle_moved(client, region, pages, staged=bool(staged))
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
-            self.put_back(client, region, pages, before, rows, keep=~freed)
+            yield from self.put_back(client, region, pages, before, rows, keep=~freed)
             self.settle_freed(region, pages)
             at = 0   # the spans where they are now (put_back read the events)
             for (addr, length), count in zip(self.spans(table, runs).tolist(),
                                              runs[:, 1].tolist()):
                 try:
-                    self.despite_events(client, client.uffd.writeprotect, addr, length,
-                                        False)
+                    yield from self.despite_events(client, client.uffd.writeprotect, addr,
+                                                   length, False)
                 except UffdError as e:
                     if e.errno != errno.ENOENT or staged:
                         raise
                     self.forget(region, pages[at:at + count])
                 at += count
-            self.resolve_deferred()
             raise UffdError(-status, f"agent could not demote: {os.strerror(-status)}")
         staged = client.staging_pages[:len(pages)]
         handles = np.full(len(pages), -1, np.int64)
@@ -220,12 +220,12 @@ class Demotion:
         table.set(pages[stored], DEMOTED)
         back = np.flatnonzero(~stored & ~freed)
         if len(back):
-            self.put_back(client, region, pages, before, back, keep=~stored & ~freed)
+            yield from self.put_back(client, region, pages, before, back,
+                                     keep=~stored & ~freed)
             self.settle_freed(region, pages[~stored])
         self.overflow.update(self.pool.mem_used_total, self.pool.capacity, bool(refused.any()))
         demoted = int((stored & ~refused).sum())   # refused ones are on their way back
         region.counters["demotions"] += demoted
-        self.resolve_deferred()
         return demoted
 
     def forget(self, region, pages):
@@ -252,12 +252,12 @@ class Demotion:
             if copied is None:
                 gap = np.zeros(len(pages), bool) if absent is None else absent
                 mirror.table.set(pages[settle & gap], DEMOTED)   # first, as in put_back
-                self.map_read_only(child, mirror, pages[settle & ~gap])
+                yield from self.map_read_only(child, mirror, pages[settle & ~gap])
                 continue
             rows = np.flatnonzero(settle) if copied else np.empty(0, np.int64)
             try:
-                self.copy_back(child, mirror, pages[rows],
-                               client.staging_addr + rows * PAGE_SIZE)
+                yield from self.copy_back(child, mirror, pages[rows],
+                                          client.staging_addr + rows * PAGE_SIZE)
             except UffdError as e:
                 # ENOENT/ESRCH: the child has unmapped the range or exited meanwhile.
                 # Either way the parent's batch must still settle below.
@@ -280,8 +280,8 @@ class Demotion:
             chunk = pages[at:at + n]
             self.pool.load_many(table.entry[chunk], buf[:len(chunk)])
             try:
-                self.copy_back(child, mirror, chunk,
-                               address_of(buf) + np.arange(len(chunk)) * PAGE_SIZE, wp=True)
+                yield from self.copy_back(child, mirror, chunk, address_of(buf) +
+                                          np.arange(len(chunk)) * PAGE_SIZE, wp=True)
                 state = READONLY
             except UffdError as e:
                 # ENOENT/ESRCH: unmapped or exited meanwhile. Otherwise presence is
@@ -310,7 +310,8 @@ class Demotion:
         the batch selected by `keep` return to their state before the demotion. Those
         the application frees meanwhile stay in flight, for settle_freed."""
         table, rows = region.table, np.asarray(rows, np.int64)
-        self.copy_back(client, region, pages[rows], client.staging_addr + rows * PAGE_SIZE)
+        yield from self.copy_back(client, region, pages[rows],
+                                  client.staging_addr + rows * PAGE_SIZE)
         keep = keep & ~region.freed_in_flight[pages]
         for state in np.unique(before[keep]).tolist():   # plain ints, as every caller's
             table.set(pages[keep & (before == state)], state)
@@ -326,33 +327,15 @@ class Demotion:
             client.uffd.copy_many(region.table.base + pages[live] * PAGE_SIZE,
                                   sources[live], wp)
         if len(pages):
-            self.despite_events(client, copy)
+            yield from self.despite_events(client, copy)
 
     def despite_events(self, client, ioctl, *args):
         """An ioctl that must go through: the kernel answers EAGAIN while an event is
-        unread, so read the client's events and try again. Pages staged for put-back
-        exist nowhere else: giving up here would lose them."""
+        unread, so have the client's events read (by the loop) and try again. Pages
+        staged for put-back exist nowhere else: giving up here would lose them."""
         for _ in range(1000):
             try:
                 return ioctl(*args)
             except UffdRetry:
-                self.serve_uffd(client)
+                yield EventsRead(client)
         return ioctl(*args)
-
-    def await_agent(self, client):
-        """The agent's reply, serving every client's faults meanwhile: the agent itself
-        may fault, its drop waits until we read the REMOVE event it causes, and the
-        application's other threads must never wait on a demotion."""
-        poller = select.poll()
-        poller.register(client.agent.fileno(), POLLIN)
-        for fd in self.clients:
-            poller.register(fd, POLLIN)
-        while True:
-            events = poll_spinning(poller, self.spin, self.agent_timeout_ms)
-            if not events:
-                raise HandlerError(f"agent of pid {client.pid} did not answer in time")
-            for fd, _ in events:
-                if fd == client.agent.fileno():
-                    return client.agent.recv()
-                if fd in self.clients:
-                    self.serve_uffd(self.clients[fd])

@@ -25,7 +25,7 @@ class Faults:
 
     def drain_uffd(self, client, spin=False):
         """Serve the client's queued faults and events; with spin, wait a moment for
-        more (the main loop's call, not a nested one that waits on an agent)."""
+        more (the main loop's call, not one while a job waits on an agent)."""
         while client.ready:
             try:
                 left, served, done = self.read_faults(client, spin)
@@ -41,7 +41,7 @@ class Faults:
                 return self.wake_all(client)
             if left or served:
                 self.fast_wake.fault()
-            # copies: nested drains (await_agent) reuse msgs
+            # copies: settling serves faults again, through the same buffers
             self.settle(client, self.msgs[:left].copy(), self.engine.why[:left].copy(), served)
             if done:
                 # no event blocks the ioctls any more: retry the faults that met
@@ -130,11 +130,10 @@ class Faults:
                               exc_info=True)
 
     def dispatch_event(self, client, event, a0, a1, a2):
-        """One non-fault event. Nothing raised here may leave: out of the main loop it
-        would end every client's memory with the handler, and out of a drain nested in
-        await_agent it would unwind the demotion in flight there, another client's
-        perhaps. The event has been read and is gone, so a bug is said (once, then
-        counted) and the batch goes on."""
+        """One non-fault event. Nothing raised here may leave: out of the loop (or out of
+        a job's wait on an agent, the demotion in flight there another client's perhaps)
+        it would end every client's memory with the handler. The event has been read
+        and is gone, so a bug is said (once, then counted) and the batch goes on."""
         try:
             child = events.dispatch(self.pager, client, event, a0, a1, a2)
             if child is not None:

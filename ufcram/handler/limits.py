@@ -1,5 +1,6 @@
 """Limits and overflow: the pager's passes that demote down to a region's, a client's or a
-process tree's resident limit, and that promote pages back while the node is full.
+process tree's resident limit (jobs, as demotions are), and that promote pages back while
+the node is full.
 """
 import time
 
@@ -20,7 +21,7 @@ class Limits:
         excess = region.limit.excess(region.table.resident - region.table.tally[DEMOTING])
         if excess <= 0 or client.agent is None:
             return 0
-        return self.demote(client, region, self.coldest(region, excess))
+        return (yield from self.demote(client, region, self.coldest(region, excess)))
 
     def enforce_client_limit(self, client):
         """Past the resident limit of the client's group (a process tree, which `ufcram
@@ -31,10 +32,11 @@ class Limits:
         key = client.group_key   # the same key at the end: client may leave meanwhile
         self.enforcing.add(key)
         try:
-            self.demote_group_excess(client)
+            yield from self.demote_group_excess(client)
         finally:
+            # the first touches it held back (UFC_LEFT_WAIT) go on at the job's next wait
+            # or end (jobs.py)
             self.enforcing.discard(key)
-            self.resolve_deferred()   # the faults it held back (UFC_LEFT_WAIT)
 
     def group_others_resident(self, client):
         """Pages resident in the other clients of client's group: what the fault engine
@@ -66,7 +68,7 @@ class Limits:
                 continue   # (a demotion before this one may have dropped or cut it)
             chosen = self.coldest(region, excess, clean_only=owner.agent is None)
             excess -= len(chosen)
-            self.demote(owner, region, chosen)
+            yield from self.demote(owner, region, chosen)
 
     def agent_client(self, client):
         """The client whose agent demotes client's memory: its own, or for a forked

@@ -1,7 +1,8 @@
 """The fault handler: one process per node. A single-threaded event loop over every
 client's control socket and userfaultfd (and a listening socket for a shared node);
-uffds are served in faults.py and requests answered in requests.py (parts of the Handler
-class); policy work (limits, overflow, the periodic scan) runs between turns.
+uffds are served in faults.py, requests answered in requests.py and work that waits on an
+agent advanced in jobs.py (parts of the Handler class); policy work (limits, overflow,
+the periodic scan) runs between turns, as a job.
 """
 import argparse
 import errno
@@ -24,10 +25,10 @@ from ufcram.store.pagetable import NO_ENTRY, PAGE_SIZE
 from ufcram.store.pool import Pool
 from . import pinned
 from .client import Client
-from .demotion import POLLIN
 from .engine import Engine
 from .faults import Faults
 from .guard import Repeats
+from .jobs import POLLIN, Jobs
 from .pager import Pager
 from .policy import Overflow
 from .requests import DEPARTED, Requests
@@ -38,7 +39,7 @@ DEFERRED_RETRY = 0.001   # seconds between retries of faults that met EAGAIN
 LIMIT_RETRY = 0.01       # seconds before a limit whose demotion failed is enforced again
 
 
-class Handler(Requests, Faults):
+class Handler(Requests, Faults, Jobs):
     def __init__(self, pool, listener=None, persist=False):
         self.pool = pool
         self.listener = listener
@@ -50,10 +51,11 @@ class Handler(Requests, Faults):
         self.overflow = Overflow()
         self.repeats = Repeats(log)   # errors said once per client, then counted
         self.deferred = []     # (client, faults): those that wait (faults.py)
-        self.pager = Pager(pool, self.overflow, self.by_uffd, self.drain_uffd,
-                           self.resolve_deferred,
-                           int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000),
-                           self.repeats)
+        self.pager = Pager(pool, self.overflow, self.by_uffd, self.repeats)
+        self.job = None        # the one job advanced by the loop (jobs.py)
+        self.policy_owed = False   # a request's job took the turn's policy work
+        self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6
+        self.agent_timeout_ms = int(config.get("UFCRAM_AGENT_TIMEOUT", float) * 1000)
         self.scan_interval = config.get("UFCRAM_SCAN_INTERVAL", float)
         self.max_regions = config.get("UFCRAM_MAX_REGIONS")
         self.max_client_bytes = config.get("UFCRAM_MAX_CLIENT_BYTES")
@@ -115,7 +117,13 @@ class Handler(Requests, Faults):
 
     def run(self):
         """Serve until the last client has gone (or for good, if persistent)."""
-        while self.clients or self.persist:
+        while self.clients or self.persist or self.job is not None:
+            if self.job is not None:
+                self.wait_on_job()
+                continue
+            if self.policy_owed:   # the turn whose request became a job: its policy now
+                self.start(self.after_events())
+                continue
             for fd, _ in self.wait():
                 if fd in self.by_uffd:
                     self.drain_uffd(self.by_uffd[fd], spin=True)
@@ -123,7 +131,12 @@ class Handler(Requests, Faults):
                     self.serve_request(self.clients[fd])
                 elif self.listener is not None and fd == self.listener.fileno():
                     self.accept_client()
-            self.after_events()
+                if self.job is not None:   # a request waits on an agent: it goes first
+                    break
+            if self.job is None:
+                self.start(self.after_events())
+            else:
+                self.policy_owed = True
 
     def wait(self):
         """The next events, or none once the periodic scan or the fast wake-up request
@@ -135,10 +148,12 @@ class Handler(Requests, Faults):
             due = min(due, DEFERRED_RETRY)
         if self.limits_due:
             due = min(due, LIMIT_RETRY)
-        return poll_spinning(self.poller, self.pager.spin, max(0, due) * 1000)
+        return poll_spinning(self.poller, self.spin, max(0, due) * 1000)
 
     def after_events(self):
-        """Policy work, outside any fault batch: limits, overflow, the periodic scan."""
+        """Policy work, outside any fault batch, as a job: limits, overflow, the
+        periodic scan."""
+        self.policy_owed = False
         if self.deferred:
             # a fault that met EAGAIN after the last event was read (the thread that
             # caused it had not resumed yet) would otherwise wait for an unrelated event
@@ -155,15 +170,16 @@ class Handler(Requests, Faults):
                 break
             for client, rid in touched:
                 region = client.regions.get(rid)
-                if region is not None and client.ready and \
-                        not self.guarded(client, self.pager.enforce_limit, client, region):
+                if region is not None and client.ready and not (yield from self.guarded(
+                        client, self.pager.enforce_limit(client, region))):
                     self.limits_due.add((client, rid))
             limited = {}   # one client per group: the limit is the group's
             for client, _ in touched:
                 if client.limit.pages is not None and client.ready:
                     limited.setdefault(client.group_key, client)
             for client in limited.values():
-                if not self.guarded(client, self.pager.enforce_client_limit, client):
+                if not (yield from self.guarded(client,
+                                                self.pager.enforce_client_limit(client))):
                     self.limits_due.add((client, None))
         try:
             if self.overflow.closed:
@@ -183,17 +199,17 @@ class Handler(Requests, Faults):
             # after it, a failing scan made every poll time out at once, a busy loop
             self.next_scan = time.monotonic() + self.scan_interval
             try:
-                self.scan()
+                yield from self.scan()
             except (UfcramError, OSError) as e:
                 log.warning("node upkeep interrupted: %s", e)
 
-    def guarded(self, client, fn, *args):
-        """Policy work for one client: a failure is said (once, then counted) and the
-        client is served on. Not even a bug of ours drops it: that would take its memory
-        away, where a limit not enforced this turn costs only resident memory. Returns
-        whether it went through."""
+    def guarded(self, client, steps):
+        """Policy work for one client (steps of a job): a failure is said (once, then
+        counted) and the client is served on. Not even a bug of ours drops it: that
+        would take its memory away, where a limit not enforced this turn costs only
+        resident memory. Returns whether it went through."""
         try:
-            fn(*args)
+            yield from steps
             return True
         except (ConnectionResetError, BrokenPipeError) as e:
             # the process exited while we demoted: its socket tells us next, no news
@@ -212,7 +228,7 @@ class Handler(Requests, Faults):
             client.release_staging()
             if any(r.pinned.any() for r in client.regions.values()):
                 # munlock gives no event: look again while anything is pinned
-                self.guarded(client, pinned.pin_locked, self.pager, client)
+                yield from self.guarded(client, pinned.pin_locked(self.pager, client))
         self.check_auto_writable()
         held = [r.table.entry for c in self.by_uffd.values() for r in c.regions.values()]
         orphans = self.pool.orphans(np.concatenate(held) if held else np.empty(0, np.int64))

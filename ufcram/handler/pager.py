@@ -20,16 +20,11 @@ log = logging.getLogger("ufcram.handler")
 
 
 class Pager(Demotion, Limits):
-    def __init__(self, pool, overflow, clients, serve_uffd, resolve_deferred, agent_timeout_ms,
-                 repeats=None):
+    def __init__(self, pool, overflow, clients, repeats=None):
         self.pool = pool
         self.repeats = repeats or Repeats(log)
         self.overflow = overflow
         self.clients = clients          # uffd fd -> Client, shared with the handler
-        self.serve_uffd = serve_uffd    # reads and dispatches one uffd's messages
-        self.resolve_deferred = resolve_deferred   # serves the faults that waited
-        self.agent_timeout_ms = agent_timeout_ms
-        self.spin = config.get("UFCRAM_SPIN_US", float) / 1e6   # the handler's too
         # promotions decompress here, then one UFFDIO_COPY installs a run
         self.bounce = np.zeros((config.get("UFCRAM_FAULT_AROUND") or 1, PAGE_SIZE), np.uint8)
         self.bounce_addr = address_of(self.bounce)

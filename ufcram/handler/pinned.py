@@ -23,20 +23,24 @@ def unless_locked(pager, demotion, client, region, runs, keep):
     the application has locked pages of its regions since (mlock, mlockall), the batch
     has been put back whole and those pages are pinned now; the batch goes once more
     without them (keep: the mask of pages still to demote), and later batches leave
-    them out. Other failures are the caller's."""
+    them out. Other failures are the caller's. (A step of a demotion's job.)"""
     try:
-        return demotion(client, region, runs)
+        return (yield from demotion(client, region, runs))
     except UffdError as e:
-        if e.errno != errno.EINVAL or not pin_locked(pager, client):
+        if e.errno != errno.EINVAL:
             raise
+        refusal = e
+    if not (yield from pin_locked(pager, client)):
+        raise refusal
     pages = pages_of(runs)
     runs = runs_of(pages[keep(pages)])
-    return demotion(client, region, runs) if len(runs) else 0
+    return (yield from demotion(client, region, runs)) if len(runs) else 0
 
 
 def pin_locked(pager, client):
     """Pin the pages of client's regions that are locked now, and only those; returns
-    how many were not pinned before (0 too if the process has gone)."""
+    how many were not pinned before (0 too if the process has gone). A job's step: a
+    promotion may wait for events to be read."""
     if client.pid <= 0:   # a forked child: it has no agent, nothing of it is demoted
         return 0
     try:
@@ -53,7 +57,7 @@ def pin_locked(pager, client):
             locked[first:max(first, last)] = True
         newly += int(np.count_nonzero(locked & ~region.pinned))
         region.pinned[:] = locked
-        promote_pinned(pager, client, region)
+        yield from promote_pinned(pager, client, region)
     if newly:
         log.debug("client pid %d: %d pages locked (mlock): pinned", client.pid, newly)
     return newly
@@ -70,6 +74,6 @@ def promote_pinned(pager, client, region):
     region.counters["promotions"] += len(writable)
     readonly = np.flatnonzero(region.pinned & (table.state == READONLY))
     for first, count in runs_of(readonly).tolist():
-        pager.despite_events(client, client.uffd.writeprotect, table.address_of(first),
-                             count * PAGE_SIZE, False)
+        yield from pager.despite_events(client, client.uffd.writeprotect,
+                                        table.address_of(first), count * PAGE_SIZE, False)
         pager.promoted(region, np.arange(first, first + count))

@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import socket
+import types
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from ufcram import protocol as P
 from ufcram._shim import lib
 from ufcram.errors import HandlerError, ProtocolError, UfcramError
 from ufcram.store.pagetable import DEMOTED, NO_ENTRY
+from .jobs import AgentReply
 from .policy import ResidentLimit, exposed_pages
 from ufcram.app.uffd import WANTED
 
@@ -39,6 +41,7 @@ class Requests:
         # attach() takes the descriptors out of fds once it owns them, so remember
         # whether this was a HELLO with descriptors: a failed one must drop the client
         took_fds = bool(fds)
+        reply = error = None
         try:
             op, seq, payload = P.decode(frame)
             if fds and op != P.HELLO:
@@ -49,19 +52,28 @@ class Requests:
             if handler is None:
                 raise ProtocolError(f"unknown request op {op}")
             reply = handler(client, fds, *P.unpack_request(op, payload))
-            self.reply(client, P.OK, seq, reply)
         except Exception as e:
-            # A bug of ours fails the request, not the client: it gets an error reply
-            # and its memory is served on. (Dropping it would turn its demoted pages
-            # into SIGBUS for a failure that was ours.)
-            if not isinstance(e, (UfcramError, OSError)):
-                self.repeats.warn(client, f"request op {op} failed unexpectedly: {e!r}",
-                                  exc_info=True)
-            code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
-            self.reply(client, P.ERROR, seq, P.error_payload(code, str(e) or repr(e)))
-            if took_fds:   # a failed HELLO: nothing of this client can be trusted
-                P.close_all(fds)
-                self.drop_client(client)
+            error = e
+        if isinstance(reply, types.GeneratorType):   # it waits on the agent: a job
+            self.start(reply, lambda result, error: self.answer(client, op, seq, fds,
+                                                                took_fds, result, error))
+        else:
+            self.answer(client, op, seq, fds, took_fds, reply, error)
+
+    def answer(self, client, op, seq, fds, took_fds, reply, error):
+        if error is None:
+            return self.reply(client, P.OK, seq, reply)
+        # A bug of ours fails the request, not the client: it gets an error reply and
+        # its memory is served on. (Dropping it would turn its demoted pages into
+        # SIGBUS for a failure that was ours.)
+        if not isinstance(error, (UfcramError, OSError)):
+            self.repeats.warn(client, f"request op {op} failed unexpectedly: {error!r}",
+                              exc_info=error)
+        code = error.errno if isinstance(error, OSError) and error.errno else errno.EINVAL
+        self.reply(client, P.ERROR, seq, P.error_payload(code, str(error) or repr(error)))
+        if took_fds:   # a failed HELLO: nothing of this client can be trusted
+            P.close_all(fds)
+            self.drop_client(client)
 
     def reply(self, client, op, seq, payload):
         try:
@@ -75,9 +87,9 @@ class Requests:
         client.attach(fds, staging_bytes, WANTED)
         client.covers_mappings = bool(flags & P.HELLO_COVERS)
         # not agent.ping(): its blocking recv let an agent socket that never answers
-        # stall the handler for good; await_agent times out and serves faults meanwhile
+        # stall the handler for good; a job's wait times out and serves faults meanwhile
         client.agent.send(lib.UFC_AGENT_PING)
-        status, _ = self.pager.await_agent(client)
+        status, _ = yield AgentReply(client)
         if status < 0:
             raise HandlerError(f"agent ping failed: {os.strerror(-status)}")
         self.watch_uffd(client)
@@ -111,7 +123,7 @@ class Requests:
         first, last = region.table.page_range(offset, length)
         present = first + np.flatnonzero(region.table.present(first, last))
         try:
-            return P.COUNT.pack(self.pager.demote(client, region, present))
+            return P.COUNT.pack((yield from self.pager.demote(client, region, present)))
         finally:
             client.release_staging()   # asked to free memory: all of it
 
