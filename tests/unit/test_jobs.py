@@ -71,7 +71,7 @@ def test_an_agent_that_never_answers_fails_the_job_in_time_not_the_loop(handler,
         try:
             yield AgentReply(client)
         finally:
-            cleaned.append(True)   # e.g. command_agent's expected_removes
+            cleaned.append(True)   # e.g. command_agent's agent_drops
     result, error = run(handler, waits_for_ever())
     assert result is None and isinstance(error, HandlerError) and "in time" in str(error)
     assert cleaned == [True]

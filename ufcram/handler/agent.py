@@ -10,6 +10,7 @@ import numpy as np
 
 from ufcram._shim import ffi, lib
 from ufcram.errors import HandlerError
+from . import proc
 
 CMD = struct.Struct("<IIIIQ")       # struct ufc_agent_cmd without its runs
 REPLY = struct.Struct("<IIiiQ")     # struct ufc_agent_reply
@@ -26,6 +27,37 @@ def own_pidfd():
     if _pidfd[0] != os.getpid():
         _pidfd = (os.getpid(), os.pidfd_open(os.getpid()))
     return _pidfd[1]
+
+
+class AgentDrops:
+    """The spans one command has the agent drop, in its order, to tell its REMOVE events
+    from the application's frees. Each madvise of the agent waits until its REMOVE has
+    been read, so its events come in order: each starts where the one before ended (a
+    span that crosses mappings comes as one event per mapping, each ending where the
+    next begins) or at the next span. Any other REMOVE is the application's, even one of
+    exactly a span the agent has not reached: taken for the agent's, it would hide a
+    free from a child forked before the agent's own event came. (One of exactly the
+    span the agent is at cannot be told from its own: it is taken for the agent's, and
+    the agent's, after it, for the free.)"""
+
+    def __init__(self, spans):
+        self.spans = [(a, a + n) for a, n in np.asarray(spans).tolist()]
+        self.next = 0                  # the span the agent is at
+        self.at = self.spans[0][0] if self.spans else None   # where its next event starts
+
+    def take(self, pid, start, end):
+        """Whether a REMOVE of [start, end) in process pid is the agent's next."""
+        if self.next == len(self.spans) or start != self.at:
+            return False
+        span_end = self.spans[self.next][1]
+        if end > span_end or (end < span_end and not proc.vma_starts_at(pid, end)):
+            return False
+        if end < span_end:
+            self.at = end
+        else:
+            self.next += 1
+            self.at = self.spans[self.next][0] if self.next < len(self.spans) else None
+        return True
 
 
 class AgentLink:

@@ -93,9 +93,8 @@ class Client:
         self.limit = ResidentLimit(None)   # over all regions (LIMITS), besides each one's
         self.group = None                  # clients whose regions the limit holds over
         self.retired = dict.fromkeys(COUNTERS, 0)   # counters of the regions it released
-        # the agent's own drops in flight: where the next REMOVE of each span starts ->
-        # where the span ends (the kernel sends one event per VMA the span crosses)
-        self.expected_removes = {}
+        # the agent's own drops in flight (agent.AgentDrops), to tell its REMOVE events
+        self.agent_drops = None
         self.next_region = 1
         self._starts = []   # region bases, sorted: bisect is cheaper than numpy per fault
         self._ids = []

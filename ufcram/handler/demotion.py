@@ -10,7 +10,7 @@ import numpy as np
 
 from . import pinned, proc
 from ufcram._shim import lib
-from .agent import MAX_RUNS
+from .agent import MAX_RUNS, AgentDrops
 from ufcram.errors import UffdError, UffdRetry
 from ufcram.store.pagetable import (DEMOTED, DEMOTING, NO_ENTRY, NORMAL, PAGE_SIZE, READONLY, UNTOUCHED,
                         bridged, pages_of, runs_of)
@@ -90,11 +90,11 @@ class Demotion:
             keeper.agent.send(op, spans)
         except OSError as e:   # as a refusal: the caller puts the batch's pages back
             return -(e.errno or errno.EPIPE), 0
-        client.expected_removes = {a: a + n for a, n in spans.tolist()}
+        client.agent_drops = AgentDrops(spans)
         try:
             return (yield AgentReply(keeper))
         finally:
-            client.expected_removes = {}
+            client.agent_drops = None
 
     def settle_freed(self, region, pages):
         """Pages the application freed while in flight: zeros from now on. Returns the

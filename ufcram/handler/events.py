@@ -19,35 +19,12 @@ def pages_within(table, start, end):
     return np.arange(first, last)
 
 
-def is_agents_drop(client, start, end):
-    """Whether a REMOVE is (part of) a drop the agent was told to make. A span that
-    crosses VMAs (numpy madvises the tails of its arrays, splitting them) arrives as one
-    event per VMA, in address order, each ending where the next VMA begins; an event
-    ending anywhere else inside the span is the application's own free."""
-    span_end = client.expected_removes.get(start, 0)
-    if end > span_end or (end < span_end and not vma_starts_at(client.pid, end)):
-        return False
-    del client.expected_removes[start]
-    if end < span_end:
-        client.expected_removes[end] = span_end
-    return True
-
-
-def vma_starts_at(pid, addr):
-    """Whether a mapping of process pid begins at addr (read only for split drops)."""
-    prefix = f"{addr:x}-"
-    try:
-        with open(f"/proc/{pid}/maps") as maps:
-            return any(line.startswith(prefix) for line in maps)
-    except OSError:
-        return False
-
-
 def on_free(pager, client, start, end, event):
     """MADV_DONTNEED / munmap: the pages read as zeros from now on; reap their entries.
     The agent's own drops are expected range by range; any other free of a page in
     flight is remembered, so the demotion discards that page's copy."""
-    if event == EVENT_REMOVE and is_agents_drop(client, start, end):
+    if event == EVENT_REMOVE and client.agent_drops is not None and \
+            client.agent_drops.take(client.pid, start, end):
         return
     for region in client.overlapping(start, end):
         table = region.table

@@ -48,6 +48,16 @@ def mapping_around(pid, addr):
     return None
 
 
+def vma_starts_at(pid, addr):
+    """Whether a mapping of process pid begins at addr."""
+    prefix = f"{addr:x}-"
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return any(line.startswith(prefix) for line in maps)
+    except OSError:
+        return False
+
+
 def flagged_mappings(pid, *flags):
     """(start, end) of each mapping of process pid whose VmFlags in smaps has any of
     flags: lo, locked (mlock); dc, not copied by a fork (MADV_DONTFORK); wf, read as zeros
