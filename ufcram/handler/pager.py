@@ -12,6 +12,7 @@ from ufcram import config
 from ufcram.app.uffd import address_of
 from ufcram.store.pagetable import NO_ENTRY, PAGE_SIZE, WRITABLE, SharedTally
 from .demotion import Demotion
+from .settle import Settle
 from .guard import Repeats
 from .limits import Limits
 from .policy import TAIL_PERCENTILE
@@ -19,7 +20,7 @@ from .policy import TAIL_PERCENTILE
 log = logging.getLogger("ufcram.handler")
 
 
-class Pager(Demotion, Limits):
+class Pager(Demotion, Settle, Limits):
     def __init__(self, pool, overflow, clients, repeats=None):
         self.pool = pool
         self.repeats = repeats or Repeats(log)
