@@ -6,7 +6,7 @@ INCLUDE_DIRS = ["native/common", "native/agent", "native/engine", "native/preloa
 # the agent (commands, what it keeps for after a handler death, the watcher and its span
 # set, its own threads) over the uffd calls: in both the shim and the library
 AGENT = ["common/uffd.c", "agent/agent.c", "agent/adopted.c", "agent/own.c",
-         "agent/watcher.c", "agent/spans.c"]
+         "agent/watcher.c", "agent/spans.c", "agent/move.c"]
 # the cffi shim the handler and Python regions use: the agent, the pool's entry decoder
 # and the fault engine
 SHIM = AGENT + ["common/entries.c", "engine/plan.c", "engine/faults.c"]

@@ -33,6 +33,7 @@ void agent_put(struct agent *a)
 		close(a->adopted[i]);
 	if (a->handler_pidfd >= 0)
 		close(a->handler_pidfd);
+	move_close(a);
 	spans_free(&a->dropped);
 	pthread_mutex_destroy(&a->lock);
 	mem_free(a, sizeof(*a));
@@ -57,7 +58,7 @@ void say(const char *fmt, ...)
 }
 
 /* --- commands ------------------------------------------------------------------------- */
-static int runs_fit(const struct ufc_run *runs, uint32_t nruns, uint64_t room, uint64_t *total)
+int runs_fit(const struct ufc_run *runs, uint32_t nruns, uint64_t room, uint64_t *total)
 {
 	*total = 0;
 	for (uint32_t i = 0; i < nruns; i++) {
@@ -86,7 +87,7 @@ static int writeprotect_retry(int uffd, uint64_t addr, uint64_t len, uint64_t mo
 /* The runs go into the dropped set before they are dropped, so that the fallback never
  * takes a page for untouched memory; they stay in flight until the drops return, so
  * that their REMOVE events are not taken for the application freeing them. */
-static int begin_drop(struct agent *a, const struct ufc_run *runs, uint32_t nruns)
+int begin_drop(struct agent *a, const struct ufc_run *runs, uint32_t nruns)
 {
 	struct span add[UFC_AGENT_MAX_RUNS];
 	for (uint32_t i = 0; i < nruns; i++)
@@ -102,6 +103,13 @@ static int begin_drop(struct agent *a, const struct ufc_run *runs, uint32_t nrun
 	return rc;
 }
 
+void end_drop(struct agent *a)
+{
+	pthread_mutex_lock(&a->lock);
+	a->ninflight = 0;
+	pthread_mutex_unlock(&a->lock);
+}
+
 /* a is NULL for ufc_agent_demote called on its own (tests): nothing to record */
 static int drop_runs(struct agent *a, const struct ufc_run *runs, uint32_t nruns)
 {
@@ -113,11 +121,8 @@ static int drop_runs(struct agent *a, const struct ufc_run *runs, uint32_t nruns
 		rc = a && handler_gone(a) ? -EPIPE
 					  : ufc_madvise(runs[i].addr, runs[i].len, MADV_DONTNEED);
 	}
-	if (a) {
-		pthread_mutex_lock(&a->lock);
-		a->ninflight = 0;
-		pthread_mutex_unlock(&a->lock);
-	}
+	if (a)
+		end_drop(a);
 	return rc;
 }
 
@@ -182,7 +187,7 @@ static int agent_drop(struct agent *a, const struct ufc_run *runs, uint32_t nrun
 }
 
 static int agent_serve(struct agent *a, struct ufc_agent_cmd *cmd, ssize_t n,
-		       struct ufc_agent_reply *reply)
+		       struct ufc_agent_reply *reply, uint8_t *stayed)
 {
 	size_t want = sizeof(*cmd) + (size_t)cmd->nruns * sizeof(struct ufc_run);
 	if (cmd->magic != UFC_AGENT_MAGIC || cmd->nruns > UFC_AGENT_MAX_RUNS || (size_t)n != want)
@@ -195,6 +200,11 @@ static int agent_serve(struct agent *a, struct ufc_agent_cmd *cmd, ssize_t n,
 			      a->staging_len - cmd->staging_offset, &reply->bytes);
 	case UFC_AGENT_DROP:
 		return agent_drop(a, cmd->runs, cmd->nruns, &reply->bytes);
+	case UFC_AGENT_MOVE:
+		if (cmd->staging_offset > a->staging_len)
+			return -EINVAL;
+		return move_out(a, cmd->runs, cmd->nruns, a->staging + cmd->staging_offset,
+				a->staging_len - cmd->staging_offset, &reply->bytes, stayed);
 	case UFC_AGENT_PING:
 		return 0;
 	default:
@@ -266,10 +276,16 @@ static void *agent_main(void *arg)
 			moved(a, cmd, &r);
 			continue;
 		}
-		struct ufc_agent_reply reply = { UFC_AGENT_MAGIC, cmd->seq, 0, tid, 0 };
-		reply.status = r.nfds || r.cut ? -EBADMSG : agent_serve(a, cmd, n, &reply);
+		struct {
+			struct ufc_agent_reply head;
+			uint8_t stayed[UFC_AGENT_MOVE_MAX_PAGES / 8];   /* MOVE's bitmap */
+		} reply = { { UFC_AGENT_MAGIC, cmd->seq, 0, tid, 0 }, { 0 } };
+		reply.head.status = r.nfds || r.cut ? -EBADMSG
+						    : agent_serve(a, cmd, n, &reply.head, reply.stayed);
 		close_received(&r);
-		if (send(a->sock, &reply, sizeof(reply), MSG_NOSIGNAL) < 0)
+		size_t len = sizeof(reply.head) +
+			     (cmd->op == UFC_AGENT_MOVE ? sizeof(reply.stayed) : 0);
+		if (send(a->sock, &reply, len, MSG_NOSIGNAL) < 0)
 			break;
 	}
 	mem_free(cmd, cap);
@@ -290,8 +306,9 @@ int ufc_agent_start(int uffd, int sock, uint64_t staging, uint64_t staging_len)
 	}
 	*a = (struct agent){ .uffd = own, .app_uffd = uffd, .sock = sock, .staging = staging,
 			     .staging_len = staging_len, .refs = 2,
-			     .handler_pidfd = -1 };
+			     .handler_pidfd = -1, .move_uffd = -1, .pagemap = -1 };
 	pthread_mutex_init(&a->lock, NULL);
+	move_open(a);
 	pthread_t watcher, commands;
 	int rc = own_thread(&watcher, watch_main, a, 0);
 	if (!rc) {
@@ -305,6 +322,7 @@ int ufc_agent_start(int uffd, int sock, uint64_t staging, uint64_t staging_len)
 	}
 	if (rc) {
 		close(own);
+		move_close(a);
 		pthread_mutex_destroy(&a->lock);
 		mem_free(a, sizeof(*a));
 		return -rc;

@@ -97,6 +97,12 @@ struct agent {
 	 * the handler process has exited, which its pidfd tells. Until then the handler
 	 * serves them, even after it let this process go. */
 	int handler_pidfd;
+	/* UFFDIO_MOVE's destination (move.c): private anonymous memory the size of the
+	 * staging buffer, registered on a uffd of our own that sends no events; -1 and 0
+	 * where the kernel cannot move pages */
+	int move_uffd;
+	uint64_t move_area;
+	int pagemap;            /* /proc/self/pagemap: which pages of move_area came */
 	int adopt_refused;      /* said so once already */
 	uint32_t nadopted;
 	int adopted[AGENT_MAX_ADOPTED];
@@ -112,6 +118,15 @@ struct received {
 };
 
 UFC_HIDDEN void agent_put(struct agent *a);
+UFC_HIDDEN int runs_fit(const struct ufc_run *runs, uint32_t nruns, uint64_t room, uint64_t *total);
+UFC_HIDDEN int begin_drop(struct agent *a, const struct ufc_run *runs, uint32_t nruns);
+UFC_HIDDEN void end_drop(struct agent *a);
+/* move.c: demotion by UFFDIO_MOVE */
+UFC_HIDDEN void move_open(struct agent *a);
+UFC_HIDDEN void move_close(struct agent *a);
+UFC_HIDDEN int move_out(struct agent *a, const struct ufc_run *runs, uint32_t nruns,
+			uint64_t staging, uint64_t staging_len, uint64_t *bytes, uint8_t *stayed);
+UFC_HIDDEN int agent_area(uint64_t start, uint64_t end);
 UFC_HIDDEN void close_received(struct received *r);
 /* adopted.c: the commands kept for after a handler death */
 UFC_HIDDEN void release_exited(struct agent *a);

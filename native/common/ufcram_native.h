@@ -48,6 +48,9 @@
 #define UFC_AGENT_STOP 4
 #define UFC_AGENT_ADOPT 5 /* a forked child's uffd and the handler's pidfd; no reply */
 #define UFC_AGENT_MOVED 6 /* mremap moved runs[0] to runs[1].addr; no reply */
+#define UFC_AGENT_MOVE 7  /* DEMOTE by UFFDIO_MOVE: the reply is followed by a bitmap
+                             of the pages that did not move (one bit a page, in order) */
+#define UFC_AGENT_MOVE_MAX_PAGES 8192   /* per MOVE command: its bitmap's 1 KiB */
 
 #include "ufcram_api.h"
 

@@ -100,7 +100,7 @@ static int is_data_segment(const struct mapping *m)
 }
 
 /* Private anonymous read-write memory: the heap, any allocator's arenas, anonymous
- * mmaps. Not the stack, the kernel's named areas, shared or file memory, reservations
+ * mmaps. Not the agent's own, the stack, the kernel's named areas, shared or file memory, reservations
  * (PROT_NONE) or read-only memory. Not a shared object's .bss either (anonymous memory
  * right after its file): libc's and the loader's own data are there, which our threads
  * use while they demote. The program's own .bss is its data and is managed. */
@@ -113,7 +113,7 @@ static int candidate(const struct coverage *c, const struct mapping *m,
 		return 0;
 	if (prev && prev->end == m->start && is_data_segment(prev) && !path_is(prev, c->exe))
 		return 0;
-	return 1;
+	return !agent_area(m->start, m->end);   /* the agent's MOVE area (move.c) */
 }
 
 static ssize_t read_maps(struct coverage *c)

@@ -33,7 +33,17 @@ static int open_uffd(int user_mode_only)
 	if (fd < 0)
 		return fd;
 	uint64_t features, ioctls;
-	int rc = ufc_uffd_api(fd, LINK_FEATURES, &features, &ioctls);
+	/* MOVE where the kernel has it (Linux 6.8+): the agent demotes by moving pages out */
+	int rc = ufc_uffd_api(fd, LINK_FEATURES | UFFD_FEATURE_MOVE, &features, &ioctls);
+	if (rc == -EINVAL) {   /* once per descriptor: again, on a new one, without it */
+		close(fd);
+		fd = ufc_uffd_open_syscall(user_mode_only ? UFFD_USER_MODE_ONLY : 0);
+		if (fd < 0 && !user_mode_only)
+			fd = ufc_uffd_open_dev(0);
+		if (fd < 0)
+			return fd;
+		rc = ufc_uffd_api(fd, LINK_FEATURES, &features, &ioctls);
+	}
 	if (rc < 0) {
 		close(fd);
 		return rc;

@@ -12,7 +12,7 @@ from ufcram import PAGE_SIZE
 from ufcram import protocol as P
 from ufcram._shim import lib
 from ufcram.app.uffd import Uffd, address_of
-from ufcram.handler.agent import CMD, REPLY
+from ufcram.handler.agent import CMD, REPLY, STAYED
 
 from .faults import write_via_kernel
 
@@ -151,10 +151,12 @@ class Client:
         return theirs.detach()
 
     def answer_agent(self, status=0):
-        """Play the agent for one command, as the native agent thread would; its op."""
+        """Play the agent for one command, as the native agent thread would; its op. A
+        MOVE's reply has its bitmap: every page moved."""
         cmd = self.agent.recv(4096)
         _, op, seq, _, _ = CMD.unpack_from(cmd)
-        self.agent.send(REPLY.pack(lib.UFC_AGENT_MAGIC, seq, status, os.getpid(), 0))
+        stayed = bytes(STAYED) if op == lib.UFC_AGENT_MOVE else b""
+        self.agent.send(REPLY.pack(lib.UFC_AGENT_MAGIC, seq, status, os.getpid(), 0) + stayed)
         return op
 
     def drop_agent(self):

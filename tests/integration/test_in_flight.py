@@ -1,8 +1,9 @@
 """Races with a demotion in flight, on the real kernel: the application writes, frees
-or holds an event unread while the agent copies and drops its pages. Each test checks
-the bytes of every page afterwards."""
+or holds an event unread while the agent moves out, or copies and drops, its pages. Each
+test checks the bytes of every page afterwards."""
 import ctypes
 import mmap
+import os
 import threading
 
 import numpy as np
@@ -20,9 +21,18 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-@pytest.fixture(scope="module")
-def node():
-    with ufcram.Node(capacity=64 * MiB) as n:
+@pytest.fixture(scope="module", params=["1", "0"], ids=["move", "copy"])
+def node(request):
+    """A node that demotes dirty pages by moving them out (UFFDIO_MOVE), or by copy."""
+    old = os.environ.get("UFCRAM_MOVE")
+    os.environ["UFCRAM_MOVE"] = request.param   # read by the handler as it starts
+    try:
+        n = ufcram.Node(capacity=64 * MiB)
+    finally:
+        os.environ.pop("UFCRAM_MOVE")
+        if old is not None:
+            os.environ["UFCRAM_MOVE"] = old
+    with n:
         yield n
 
 

@@ -157,7 +157,7 @@ def test_a_bug_serving_one_client_never_unwinds_anothers_demotion(handler, monke
     handler.start(demotion(), lambda result, error: results.append((result, error)))
     while handler.job is not None:
         handler.wait_on_job()
-    assert results == [((0, 4096), None)]
+    assert results == [((0, 4096, None), None)]
     assert [(c is b, fields(m)) for c, m in handler.deferred] == [(True, fields(msgs[:1]))]
     assert np.count_nonzero(b.regions[1].table.state) == 0   # the REMOVE was skipped
     assert set(handler.by_uffd.values()) == {a, b}

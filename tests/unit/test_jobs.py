@@ -58,7 +58,7 @@ def test_a_job_gets_each_reply_of_its_agent_in_turn(handler, agent):
             answer(client, theirs, nbytes=nbytes)
             replies.append((yield AgentReply(client)))
         return replies
-    assert run(handler, two_commands()) == ([(0, 4096), (0, 8192)], None)
+    assert run(handler, two_commands()) == ([(0, 4096, None), (0, 8192, None)], None)
     assert client.agent.tid == 7
 
 

@@ -41,9 +41,11 @@ FEATURES = {
 # Write-protect on anonymous memory is the heart of CRAM's read-only mappings.
 REQUIRED = FEATURES["WP"]
 # THREAD_ID tells the agent's faults apart; the events let the handler reap entries of
-# freed memory, follow mremap, and serve forked children.
+# freed memory, follow mremap, and serve forked children; MOVE lets the agent demote by
+# moving pages out (Linux 6.8+).
 WANTED = REQUIRED | FEATURES["THREAD_ID"] | FEATURES["EVENT_REMOVE"] | \
-    FEATURES["EVENT_UNMAP"] | FEATURES["EVENT_REMAP"] | FEATURES["EVENT_FORK"]
+    FEATURES["EVENT_UNMAP"] | FEATURES["EVENT_REMAP"] | FEATURES["EVENT_FORK"] | \
+    FEATURES["MOVE"]
 
 PERMISSION_HINT = (
     "userfaultfd is not permitted for this user. Any one of these grants it: run as root; "

@@ -17,6 +17,8 @@ REPLY = struct.Struct("<IIiiQ")     # struct ufc_agent_reply
 assert CMD.size == ffi.sizeof("struct ufc_agent_cmd")
 assert REPLY.size == ffi.sizeof("struct ufc_agent_reply")
 MAX_RUNS = lib.UFC_AGENT_MAX_RUNS
+MOVE_MAX_PAGES = lib.UFC_AGENT_MOVE_MAX_PAGES
+STAYED = MOVE_MAX_PAGES // 8        # bytes of the bitmap after a MOVE reply
 _pidfd = (None, None)   # (pid, pidfd of this handler process), opened on first use
 
 
@@ -79,15 +81,21 @@ class AgentLink:
         return self.seq
 
     def recv(self):
-        """(status, bytes) of the reply to the last command; HandlerError if it is gone."""
-        data = self.sock.recv(REPLY.size + 1)
-        if len(data) != REPLY.size:
+        """(status, bytes, stayed) of the reply to the last command: stayed, after a
+        MOVE, is the mask of pages that did not move, else None. HandlerError if the
+        agent is gone."""
+        data = self.sock.recv(REPLY.size + STAYED + 1)
+        if len(data) not in (REPLY.size, REPLY.size + STAYED):
             raise HandlerError("the application's agent thread is gone")
-        magic, seq, status, tid, nbytes = REPLY.unpack(data)
+        magic, seq, status, tid, nbytes = REPLY.unpack(data[:REPLY.size])
         if magic != lib.UFC_AGENT_MAGIC or seq != self.seq:
             raise HandlerError(f"agent reply out of order (seq {seq}, expected {self.seq})")
         self.tid = tid
-        return status, nbytes
+        stayed = None
+        if len(data) > REPLY.size:
+            stayed = np.unpackbits(np.frombuffer(data, np.uint8, offset=REPLY.size),
+                                   bitorder="little").astype(bool)
+        return status, nbytes, stayed
 
     def adopt(self, uffd_fd):
         """Give the agent a forked child's uffd, to serve once this handler has exited.

@@ -19,7 +19,7 @@ from ufcram.app.uffd import Uffd
 
 COUNTERS = ("faults", "demotions", "clean_redemotions", "restores",
             "promotions", "budget_refusals", "zero_fills", "refused_full", "refused_closed",
-            "reaped")
+            "reaped", "moved")
 
 
 class ManagedRegion:
@@ -95,6 +95,7 @@ class Client:
         self.retired = dict.fromkeys(COUNTERS, 0)   # counters of the regions it released
         # the agent's own drops in flight (agent.AgentDrops), to tell its REMOVE events
         self.agent_drops = None
+        self.moves = True   # its agent moves pages out (UFFDIO_MOVE) until it refuses
         self.next_region = 1
         self._starts = []   # region bases, sorted: bisect is cheaper than numpy per fault
         self._ids = []

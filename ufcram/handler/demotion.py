@@ -1,6 +1,6 @@
-"""Demotion: the pager's batches through a client's agent (write-protect, copy out, drop)
-and their storing in the pool; how a batch settles is settle.py's. A demotion is a job
-(jobs.py): it yields where it waits on the agent.
+"""Demotion: the pager's batches through a client's agent (clean pages dropped, dirty
+ones moved out or copied out) and their storing in the pool; how a batch settles is
+settle.py's. A demotion is a job (jobs.py): it yields where it waits on the agent.
 """
 import errno
 import logging
@@ -9,8 +9,9 @@ import os
 import numpy as np
 
 from . import pinned
+from ufcram import config
 from ufcram._shim import lib
-from .agent import MAX_RUNS, AgentDrops
+from .agent import MAX_RUNS, MOVE_MAX_PAGES, AgentDrops
 from ufcram.errors import UffdError
 from ufcram.store.pagetable import DEMOTED, DEMOTING, PAGE_SIZE, bridged, pages_of, runs_of
 from .jobs import AgentReply
@@ -46,8 +47,8 @@ class Demotion:
 
     def demote(self, client, region, pages):
         """Demote the present pages among `pages` (sorted). Clean read-only pages are
-        only dropped: their entry is still in the pool. Dirty pages are copied out and
-        compressed, unless the node is closed to new entries (or the client is a forked
+        only dropped: their entry is still in the pool. Dirty pages are moved or copied
+        out and compressed, unless the node is closed to new entries (or the client is a forked
         child's inherited memory: its process's agent has no staging buffer to copy it
         into through the child's uffd, so only clean pages go). A page's state is read
         when its batch starts, not before: a read-only page written while an earlier
@@ -65,7 +66,8 @@ class Demotion:
                                                     runs, clean)
         if client.agent is None:
             return done
-        for chunk, runs in batches(pages, len(client.staging_pages), MAX_RUNS, dirty):
+        size = min(len(client.staging_pages), MOVE_MAX_PAGES)
+        for chunk, runs in batches(pages, size, MAX_RUNS, dirty):
             if self.overflow.closed:   # also once a batch has filled the node
                 left = pages[pages >= chunk[0]]
                 region.counters["refused_closed"] += int(region.table.dirty(left).sum())
@@ -77,18 +79,19 @@ class Demotion:
     def spans(self, table, runs):
         return np.stack((table.base + runs[:, 0] * PAGE_SIZE, runs[:, 1] * PAGE_SIZE), 1)
 
-    def command_agent(self, client, op, spans):
+    def command_agent(self, client, op, spans, drops=True):
         """Send one batch to the agent (of agent_client: a forked child's own process's)
-        and wait for its reply, (status, bytes); its drops will raise REMOVE events for
-        exactly these spans, on client's uffd, the one their mappings are registered with."""
+        and wait for its reply, (status, bytes, stayed: agent.AgentLink.recv); with
+        drops, they will raise REMOVE events for exactly these spans, on client's uffd,
+        the one their mappings are registered with (a move raises none)."""
         keeper = self.agent_client(client)
         try:
             if keeper is None:
                 raise OSError(errno.EPIPE, "no agent")
             keeper.agent.send(op, spans)
         except OSError as e:   # as a refusal: the caller puts the batch's pages back
-            return -(e.errno or errno.EPIPE), 0
-        client.agent_drops = AgentDrops(spans)
+            return -(e.errno or errno.EPIPE), 0, None
+        client.agent_drops = AgentDrops(spans) if drops else None
         try:
             return (yield AgentReply(keeper))
         finally:
@@ -107,11 +110,11 @@ class Demotion:
         pages = pages_of(runs)
         gap = table.state[pages] == DEMOTED
         table.set(pages, DEMOTING)
-        status, _ = yield from self.command_agent(client, lib.UFC_AGENT_DROP,
-                                                  self.spans(table, runs))
+        status, _, _ = yield from self.command_agent(client, lib.UFC_AGENT_DROP,
+                                                     self.spans(table, runs))
         yield from self.settle_forks(client, region, pages, copied=None, absent=gap)
         freed = self.settle_freed(region, pages)
-        yield from self.settle_moved(client, region, pages, staged=False)
+        yield from self.settle_moved(client, region, pages, staged=np.zeros(len(pages), bool))
         table.set(pages[~freed & gap], DEMOTED)
         if status >= 0:
             table.set(pages[~freed & ~gap], DEMOTED)
@@ -128,18 +131,55 @@ class Demotion:
         return dropped
 
     def demote_dirty(self, client, region, runs):
-        """Write-protect, copy out, drop (the agent); then store the copies. Pages the full
-        pool refuses are stored over capacity and the node closes: nothing is ever lost."""
+        if client.moves and config.get("UFCRAM_MOVE"):
+            return (yield from self.demote_moved(client, region, runs))
+        return (yield from self.demote_copied(client, region, runs))
+
+    def demote_moved(self, client, region, runs):
+        """Move out (the agent, with UFFDIO_MOVE: nothing is protected, no REMOVE event
+        comes), then store the copies. Pages that did not move (shared with a forked
+        child, merged, locked) are as they were: back to their state, then by copy."""
+        table = region.table
+        pages = pages_of(runs)
+        before = table.state[pages].copy()
+        table.set(pages, DEMOTING)
+        status, _, stayed = yield from self.command_agent(
+            client, lib.UFC_AGENT_MOVE, self.spans(table, runs), drops=False)
+        client.staging_used = True
+        if status >= 0 and stayed is None:   # no bitmap: nothing is known to have moved
+            status = -errno.EBADMSG
+        moved = np.zeros(len(pages), bool) if status < 0 else ~stayed[:len(pages)]
+        yield from self.settle_forks(client, region, pages, copied=moved)
+        freed = self.settle_freed(region, pages)
+        yield from self.settle_moved(client, region, pages, staged=moved)
+        # not moved: never protected nor dropped, so their state is all there is to undo
+        yield from self.put_back(client, region, pages, before, [], keep=~moved & ~freed)
+        if status == -errno.EOPNOTSUPP:   # this kernel cannot move pages: by copy
+            client.moves = False
+        elif status < 0:
+            raise UffdError(-status, f"agent could not move pages: {os.strerror(-status)}")
+        demoted, refused = self.store_staged(client, region, pages, moved & ~freed)
+        yield from self.put_back_refused(client, region, pages, before, refused)
+        region.counters["moved"] += demoted
+        rest = pages[~moved & ~freed]
+        rest = rest[table.dirty(rest) & ~region.pinned[rest]]   # as they are now
+        if len(rest):
+            demoted += yield from self.demote_copied(client, region, runs_of(rest))
+        return demoted
+
+    def demote_copied(self, client, region, runs):
+        """Write-protect, copy out, drop (the agent); then store the copies."""
         table = region.table
         pages = pages_of(runs)
         before = table.state[pages].copy()
         spans = self.spans(table, runs)
         table.set(pages, DEMOTING)
-        status, staged = yield from self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
+        status, staged, _ = yield from self.command_agent(client, lib.UFC_AGENT_DEMOTE, spans)
         client.staging_used = True
-        yield from self.settle_forks(client, region, pages, copied=bool(staged))
+        copied = np.full(len(pages), bool(staged))
+        yield from self.settle_forks(client, region, pages, copied=copied)
         freed = self.settle_freed(region, pages)
-        yield from self.settle_moved(client, region, pages, staged=bool(staged))
+        yield from self.settle_moved(client, region, pages, staged=copied)
         if status < 0:
             rows = np.flatnonzero(~freed) if staged else []
             yield from self.put_back(client, region, pages, before, rows, keep=~freed)
@@ -156,10 +196,19 @@ class Demotion:
                     self.forget(region, pages[at:at + count])
                 at += count
             raise UffdError(-status, f"agent could not demote: {os.strerror(-status)}")
+        demoted, refused = self.store_staged(client, region, pages, ~freed)
+        yield from self.put_back_refused(client, region, pages, before, refused)
+        return demoted
+
+    def store_staged(self, client, region, pages, keep):
+        """Store the staged copies of pages[keep]; they become DEMOTED. Pages the full
+        pool refuses are stored over capacity and the node closes: nothing is ever lost.
+        Returns the pages demoted and the mask of those the pool took not even so."""
+        table = region.table
         staged = client.staging_pages[:len(pages)]
         handles = np.full(len(pages), -1, np.int64)
-        handles[~freed] = self.pool.store_many(staged[~freed])
-        refused = (handles < 0) & ~freed
+        handles[keep] = self.pool.store_many(staged[keep])
+        refused = (handles < 0) & keep
         if refused.any():
             # The node is full: it closes, and overflow relief promotes pages over the
             # next loop turns. The refused copies exist nowhere else, so they are kept
@@ -176,12 +225,14 @@ class Demotion:
         # there and then, not flagged in flight after its batch has settled
         table.entry[pages[stored]] = handles[stored]
         table.set(pages[stored], DEMOTED)
-        back = np.flatnonzero(~stored & ~freed)
-        if len(back):
-            yield from self.put_back(client, region, pages, before, back,
-                                     keep=~stored & ~freed)
-            self.settle_freed(region, pages[~stored])
         self.overflow.update(self.pool.mem_used_total, self.pool.capacity, bool(refused.any()))
         demoted = int((stored & ~refused).sum())   # refused ones are on their way back
         region.counters["demotions"] += demoted
-        return demoted
+        return demoted, ~stored & keep
+
+    def put_back_refused(self, client, region, pages, before, refused):
+        """The copies the pool took not even over capacity go back, as a last resort."""
+        if refused.any():
+            yield from self.put_back(client, region, pages, before, np.flatnonzero(refused),
+                                     keep=refused)
+            self.settle_freed(region, pages[refused])

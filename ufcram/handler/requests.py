@@ -89,7 +89,7 @@ class Requests:
         # not agent.ping(): its blocking recv let an agent socket that never answers
         # stall the handler for good; a job's wait times out and serves faults meanwhile
         client.agent.send(lib.UFC_AGENT_PING)
-        status, _ = yield AgentReply(client)
+        status, _, _ = yield AgentReply(client)
         if status < 0:
             raise HandlerError(f"agent ping failed: {os.strerror(-status)}")
         self.watch_uffd(client)

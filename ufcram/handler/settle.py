@@ -32,7 +32,8 @@ class Settle:
     def settle_moved(self, client, region, pages, staged):
         """Pages of the batch that an mremap moved elsewhere while in flight, settled
         where they went: still there (the drop had not reached them), dropped with their
-        entry kept (clean), or dropped after their copy was staged (copied back now)."""
+        entry kept (clean), or dropped after their copy was staged (mask `staged`: copied
+        back now)."""
         if not region.moved_in_flight:
             return
         for row, page in enumerate(pages.tolist()):
@@ -50,7 +51,7 @@ class Settle:
             elif entry != NO_ENTRY:
                 state = DEMOTED
             else:
-                if staged:
+                if staged[row]:
                     yield from self.copy_back(client, target, at,
                                               np.array([client.staging_addr + row * PAGE_SIZE]))
                 else:
@@ -73,8 +74,9 @@ class Settle:
         only the end of this batch settles. A child's page is still mapped (forked
         before the drop) or missing: a clean page (copied None) keeps its shared entry,
         read-only, and one that was demoted before the batch (mask `absent`) stays
-        demoted; a dirty one gets the staged copy if there is one (copied True;
-        skipped where still mapped), as normal memory."""
+        demoted; a dirty one gets its staged copy if it has one (mask `copied`; skipped
+        where still mapped), as normal memory. (A page that moved out was the parent's
+        alone: a child has it missing only if it forked after the move.)"""
         for child, mirror in self.forked_during(client, region, pages):
             in_flight = mirror.table.state[pages] == DEMOTING
             freed = np.zeros(len(pages), bool)
@@ -85,7 +87,7 @@ class Settle:
                 mirror.table.set(pages[settle & gap], DEMOTED)   # first, as in put_back
                 yield from self.map_read_only(child, mirror, pages[settle & ~gap])
                 continue
-            rows = np.flatnonzero(settle) if copied else np.empty(0, np.int64)
+            rows = np.flatnonzero(settle & copied)
             try:
                 yield from self.copy_back(child, mirror, pages[rows],
                                           client.staging_addr + rows * PAGE_SIZE)
