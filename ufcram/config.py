@@ -35,9 +35,9 @@ SETTINGS = {s.name: s for s in (
     Setting("UFCRAM_STAGING_PAGES", "pages", 256,
             "pages the agent copies out per demotion batch (shared staging buffer size)"),
     Setting("UFCRAM_MOVE", "0/1", 1,
-            "demote dirty pages by moving them out (UFFDIO_MOVE, Linux 6.8+: no "
-            "write-protection, no REMOVE event per run); 0: by copy, as where the "
-            "kernel cannot move"),
+            "demote by moving pages out (UFFDIO_MOVE, Linux 6.8+: no write-protection, "
+            "no REMOVE event per run), dirty ones into the staging buffer and clean ones "
+            "away; 0: by copy and MADV_DONTNEED, as where the kernel cannot move"),
     Setting("UFCRAM_FAULT_AROUND", "pages", 64,
             "largest readahead window: pages restored (or zero-filled) per fault when "
             "access is sequential; 1 turns fault-around off"),

@@ -205,6 +205,8 @@ static int agent_serve(struct agent *a, struct ufc_agent_cmd *cmd, ssize_t n,
 			return -EINVAL;
 		return move_out(a, cmd->runs, cmd->nruns, a->staging + cmd->staging_offset,
 				a->staging_len - cmd->staging_offset, &reply->bytes, stayed);
+	case UFC_AGENT_DISCARD:
+		return move_discard(a, cmd->runs, cmd->nruns, &reply->bytes, stayed);
 	case UFC_AGENT_PING:
 		return 0;
 	default:
@@ -284,7 +286,8 @@ static void *agent_main(void *arg)
 						    : agent_serve(a, cmd, n, &reply.head, reply.stayed);
 		close_received(&r);
 		size_t len = sizeof(reply.head) +
-			     (cmd->op == UFC_AGENT_MOVE ? sizeof(reply.stayed) : 0);
+			     (cmd->op == UFC_AGENT_MOVE || cmd->op == UFC_AGENT_DISCARD
+				      ? sizeof(reply.stayed) : 0);
 		if (send(a->sock, &reply, len, MSG_NOSIGNAL) < 0)
 			break;
 	}

@@ -126,6 +126,8 @@ UFC_HIDDEN void move_open(struct agent *a);
 UFC_HIDDEN void move_close(struct agent *a);
 UFC_HIDDEN int move_out(struct agent *a, const struct ufc_run *runs, uint32_t nruns,
 			uint64_t staging, uint64_t staging_len, uint64_t *bytes, uint8_t *stayed);
+UFC_HIDDEN int move_discard(struct agent *a, const struct ufc_run *runs, uint32_t nruns,
+			    uint64_t *bytes, uint8_t *stayed);
 UFC_HIDDEN int agent_area(uint64_t start, uint64_t end);
 UFC_HIDDEN void close_received(struct received *r);
 /* adopted.c: the commands kept for after a handler death */

@@ -194,6 +194,21 @@ static void move_back(struct agent *a, const struct ufc_run *runs, uint32_t nrun
 	memset(stayed, 0xff, UFC_AGENT_MOVE_MAX_PAGES / 8);
 }
 
+/* The pages that stayed leave the dropped set: they were never taken. */
+static void end_move(struct agent *a, const struct ufc_run *runs, uint32_t nruns,
+		     const uint8_t *stayed)
+{
+	pthread_mutex_lock(&a->lock);
+	uint64_t page = 0;
+	for (uint32_t i = 0; i < nruns; i++)
+		for (uint64_t at = runs[i].addr; at < runs[i].addr + runs[i].len;
+		     at += UFC_PAGE_SIZE, page++)
+			if (stayed[page / 8] >> (page % 8) & 1)
+				spans_remove(&a->dropped, at, at + UFC_PAGE_SIZE);
+	pthread_mutex_unlock(&a->lock);
+	end_drop(a);
+}
+
 int move_out(struct agent *a, const struct ufc_run *runs, uint32_t nruns, uint64_t staging,
 	     uint64_t staging_len, uint64_t *bytes, uint8_t *stayed)
 {
@@ -223,23 +238,55 @@ int move_out(struct agent *a, const struct ufc_run *runs, uint32_t nruns, uint64
 				stays(stayed, off / UFC_PAGE_SIZE + p);
 		off += runs[i].len;
 	}
-	pthread_mutex_lock(&a->lock);
-	off = 0;
-	for (uint32_t i = 0; i < nruns; i++) {
-		for (uint64_t p = 0; p < runs[i].len / UFC_PAGE_SIZE; p++) {
-			uint64_t page = off / UFC_PAGE_SIZE + p;
-			if (stayed[page / 8] >> (page % 8) & 1)
-				spans_remove(&a->dropped, runs[i].addr + p * UFC_PAGE_SIZE,
-					     runs[i].addr + (p + 1) * UFC_PAGE_SIZE);
-		}
-		off += runs[i].len;
-	}
-	pthread_mutex_unlock(&a->lock);
-	end_drop(a);
+	end_move(a, runs, nruns, stayed);
 	if (stage(a, npages, staging, stayed) < 0)
 		move_back(a, runs, nruns, stayed);
 	/* emptied for the next command; its uffd sends no REMOVE event */
 	ufc_madvise(a->move_area, total, MADV_DONTNEED);
+	*bytes = total;
+	return 0;
+}
+
+/* Clean pages (the node keeps their entries) moved out and thrown away: a drop without
+ * its REMOVE event and round trip. The area is emptied each time it fills, so a command
+ * may be larger than it. */
+int move_discard(struct agent *a, const struct ufc_run *runs, uint32_t nruns, uint64_t *bytes,
+		 uint8_t *stayed)
+{
+	uint64_t total, fill = 0, page = 0;
+	*bytes = 0;
+	if (a->move_uffd < 0)
+		return -EOPNOTSUPP;
+	int rc = runs_fit(runs, nruns, UINT64_MAX, &total);
+	if (rc)
+		return rc;
+	if (total / UFC_PAGE_SIZE > UFC_AGENT_MOVE_MAX_PAGES || nruns > UFC_AGENT_MAX_RUNS)
+		return -E2BIG;
+	rc = begin_drop(a, runs, nruns);
+	if (rc)
+		return rc;
+	for (uint32_t i = 0; i < nruns; i++) {
+		for (uint64_t done = 0; done < runs[i].len;) {
+			if (fill == a->staging_len) {
+				ufc_madvise(a->move_area, fill, MADV_DONTNEED);
+				fill = 0;
+			}
+			uint64_t len = runs[i].len - done < a->staging_len - fill
+					       ? runs[i].len - done : a->staging_len - fill;
+			uint64_t first = page + done / UFC_PAGE_SIZE;
+			if (registered(a, runs[i].addr + done, len))
+				move_run(a, runs[i].addr + done, len, a->move_area + fill, first,
+					 stayed);
+			else
+				for (uint64_t p = 0; p < len / UFC_PAGE_SIZE; p++)
+					stays(stayed, first + p);
+			done += len;
+			fill += len;
+		}
+		page += runs[i].len / UFC_PAGE_SIZE;
+	}
+	end_move(a, runs, nruns, stayed);
+	ufc_madvise(a->move_area, fill, MADV_DONTNEED);
 	*bytes = total;
 	return 0;
 }

@@ -50,7 +50,9 @@
 #define UFC_AGENT_MOVED 6 /* mremap moved runs[0] to runs[1].addr; no reply */
 #define UFC_AGENT_MOVE 7  /* DEMOTE by UFFDIO_MOVE: the reply is followed by a bitmap
                              of the pages that did not move (one bit a page, in order) */
-#define UFC_AGENT_MOVE_MAX_PAGES 8192   /* per MOVE command: its bitmap's 1 KiB */
+#define UFC_AGENT_DISCARD 8  /* DROP by UFFDIO_MOVE (clean pages: nothing to keep); the
+                                reply has MOVE's bitmap */
+#define UFC_AGENT_MOVE_MAX_PAGES 8192   /* per MOVE or DISCARD command: its bitmap's 1 KiB */
 
 #include "ufcram_api.h"
 

@@ -1,6 +1,6 @@
-"""Demotion's two ways out for dirty pages, on the real kernel: moved (UFFDIO_MOVE) and
-copied (write-protect, copy, MADV_DONTNEED). Both give every byte back; pages shared
-with a forked child cannot move and go by copy, and the child keeps its own."""
+"""Demotion's two ways out, on the real kernel: moved (UFFDIO_MOVE), or copied
+(write-protect, copy, MADV_DONTNEED) and dropped. Both give every byte back; pages shared
+with a forked child cannot move and go the old way, and the child keeps its own."""
 import os
 
 import numpy as np
@@ -100,4 +100,44 @@ def test_memory_the_books_hold_but_the_uffd_does_not_is_never_taken():
         assert np.array_equal(a, data), "memory outside the uffd was taken"
         assert r.stats()["moved"] == 0
         node.connection.uffd.register(r.address, r.nbytes)   # so close() finds it
+        r.close()
+
+
+def test_clean_pages_go_again_by_either_way_and_read_back_exact(way):
+    """Read back (read-only, the node keeps their entries), then demoted again: only
+    dropped, moved away and thrown away (DISCARD) or dropped by MADV_DONTNEED."""
+    data = mixed(256, 5)
+    with ufcram.Node(capacity=64 * MiB) as node:
+        r, a = filled(node, data, write_budget=0)
+        r.demote()
+        for round_ in range(3):
+            assert np.array_equal(a[::2], data[::2])   # every other page read back
+            before = r.stats()["clean_redemotions"]
+            r.demote()
+            assert r.stats()["clean_redemotions"] - before == len(data[::2])
+        assert np.array_equal(a, data)
+        r.close()
+
+
+def test_clean_pages_shared_with_a_live_child_are_dropped_and_both_read_exact(way):
+    data = mixed(128, 6)
+    with ufcram.Node(capacity=64 * MiB) as node:
+        r, a = filled(node, data, write_budget=0)
+        r.demote()
+        assert np.array_equal(a, data)   # all read back: read-only, shared after the fork
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.read(go_r, 1)
+            os._exit(0 if np.array_equal(a, data) else 1)
+        os.close(go_r)
+        before = r.stats()["clean_redemotions"]
+        r.demote()
+        assert r.stats()["clean_redemotions"] - before == len(data)
+        os.write(go_w, b"!")
+        os.close(go_w)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child read wrong bytes"
+        assert np.array_equal(a, data)
         r.close()

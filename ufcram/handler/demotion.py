@@ -13,7 +13,8 @@ from ufcram import config
 from ufcram._shim import lib
 from .agent import MAX_RUNS, MOVE_MAX_PAGES, AgentDrops
 from ufcram.errors import UffdError
-from ufcram.store.pagetable import DEMOTED, DEMOTING, PAGE_SIZE, bridged, pages_of, runs_of
+from ufcram.store.pagetable import (DEMOTED, DEMOTING, PAGE_SIZE, READONLY, bridged, pages_of,
+                                   runs_of)
 from .jobs import AgentReply
 
 log = logging.getLogger("ufcram.handler")
@@ -97,12 +98,20 @@ class Demotion:
         finally:
             client.agent_drops = None
 
-    def drop_clean(self, client, region, runs):
-        """Drop clean read-only pages; the node keeps their entries. Each span is one
-        madvise and one REMOVE event the agent waits on us to read, so spans reach
+    def moves(self, client):
+        """Whether client's own agent moves its pages out (UFFDIO_MOVE). Not for a
+        forked child's inherited memory: it is registered on a uffd of its own, not on
+        the one of the agent that demotes it."""
+        return client.moves and client.agent is not None and config.get("UFCRAM_MOVE")
+
+    def drop_clean(self, client, region, runs, move=True):
+        """Drop clean read-only pages; the node keeps their entries. The agent moves
+        them out and throws them away (DISCARD), or drops them (DROP): each span is one
+        madvise and one REMOVE event the agent waits on us to read. So spans reach
         across pages already demoted (absent: the drop costs them nothing) and take up
         to DROP_BRIDGE more clean pages with them. The pages crossed are in flight too,
-        so a fault on one waits until the drop is done."""
+        so a fault on one waits until the drop is done. Pages that cannot move (shared
+        with a forked child, locked) are dropped after."""
         table = region.table
         first, end = int(runs[0, 0]), int(runs[-1, 0] + runs[-1, 1])
         if not region.pinned[first:end].any():   # a span over locked memory fails whole
@@ -110,28 +119,41 @@ class Demotion:
         pages = pages_of(runs)
         gap = table.state[pages] == DEMOTED
         table.set(pages, DEMOTING)
-        status, _, _ = yield from self.command_agent(client, lib.UFC_AGENT_DROP,
-                                                     self.spans(table, runs))
+        move = move and self.moves(client)
+        status, _, stayed = yield from self.command_agent(
+            client, lib.UFC_AGENT_DISCARD if move else lib.UFC_AGENT_DROP,
+            self.spans(table, runs), drops=not move)
+        if move and status >= 0 and stayed is None:   # no bitmap: nothing is known gone
+            status = -errno.EBADMSG
+        left = stayed[:len(pages)] if move and status >= 0 else np.zeros(len(pages), bool)
         yield from self.settle_forks(client, region, pages, copied=None, absent=gap)
         freed = self.settle_freed(region, pages)
         yield from self.settle_moved(client, region, pages, staged=np.zeros(len(pages), bool))
         table.set(pages[~freed & gap], DEMOTED)
         if status >= 0:
-            table.set(pages[~freed & ~gap], DEMOTED)
+            table.set(pages[~freed & ~gap & ~left], DEMOTED)
+            table.set(pages[~freed & ~gap & left], READONLY)   # never taken
         else:
             # The spans before the one that failed were dropped (a locked mapping stops
             # madvise there), the rest were not: map every page back from its entry
             # (those still there are skipped), for read-only must mean present, or a
             # promotion would only unprotect a missing page and it would read zeros.
             yield from self.map_read_only(client, region, pages[~freed & ~gap])
+        if move and status == -errno.EOPNOTSUPP:   # this kernel cannot move pages
+            client.moves = False
+            return (yield from self.drop_clean(client, region, runs))
         if status < 0:
             raise UffdError(-status, f"agent could not drop pages: {os.strerror(-status)}")
-        dropped = int((~freed & ~gap).sum())
+        dropped = int((~freed & ~gap & ~left).sum())
         region.counters["clean_redemotions"] += dropped
+        rest = pages[~freed & ~gap & left]
+        rest = rest[table.clean(rest) & ~region.pinned[rest]]   # as they are now
+        if len(rest):
+            dropped += yield from self.drop_clean(client, region, runs_of(rest), move=False)
         return dropped
 
     def demote_dirty(self, client, region, runs):
-        if client.moves and config.get("UFCRAM_MOVE"):
+        if self.moves(client):
             return (yield from self.demote_moved(client, region, runs))
         return (yield from self.demote_copied(client, region, runs))
 
