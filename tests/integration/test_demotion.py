@@ -22,6 +22,26 @@ def mixed(n, seed):
     return data[np.random.default_rng(seed).permutation(n)]
 
 
+class Child:
+    """A forked child that compares its view a with data once told to (check), after
+    the parent has demoted the pages they share."""
+
+    def __init__(self, a, data):
+        go_r, self.go = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self.go)
+            os.read(go_r, 1)
+            os._exit(0 if np.array_equal(a, data) else 1)
+        os.close(go_r)
+
+    def check(self):
+        os.write(self.go, b"!")
+        os.close(self.go)
+        _, status = os.waitpid(self.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child read wrong bytes"
+
+
 @pytest.fixture(params=["1", "0"], ids=["move", "copy"])
 def way(request, monkeypatch):
     """UFCRAM_MOVE for the handler the test starts (it reads it at start)."""
@@ -49,20 +69,11 @@ def test_pages_shared_with_a_live_child_go_by_copy_and_both_keep_their_bytes(way
     data = mixed(256, 2)
     with ufcram.Node(capacity=64 * MiB) as node:
         r, a = filled(node, data, write_budget=0)
-        go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # reads its pages once the parent has demoted them
-            os.close(go_w)
-            os.read(go_r, 1)
-            os._exit(0 if np.array_equal(a, data) else 1)
-        os.close(go_r)
+        child = Child(a, data)   # reads its pages once the parent has demoted them
         moved_before = r.stats()["moved"]
         assert r.demote() == len(data)
         assert r.stats()["moved"] == moved_before   # shared: none could move
-        os.write(go_w, b"!")
-        os.close(go_w)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "the child read wrong bytes"
+        child.check()
         assert np.array_equal(a, data)
         r.close()
 
@@ -125,19 +136,10 @@ def test_clean_pages_shared_with_a_live_child_are_dropped_and_both_read_exact(wa
         r, a = filled(node, data, write_budget=0)
         r.demote()
         assert np.array_equal(a, data)   # all read back: read-only, shared after the fork
-        go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(go_w)
-            os.read(go_r, 1)
-            os._exit(0 if np.array_equal(a, data) else 1)
-        os.close(go_r)
+        child = Child(a, data)
         before = r.stats()["clean_redemotions"]
         r.demote()
         assert r.stats()["clean_redemotions"] - before == len(data)
-        os.write(go_w, b"!")
-        os.close(go_w)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, "the child read wrong bytes"
+        child.check()
         assert np.array_equal(a, data)
         r.close()
